@@ -1,0 +1,1 @@
+"""VTVC Pyro guides (importable as ``pyro_tvc.guides``)."""

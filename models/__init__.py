@@ -1,0 +1,1 @@
+"""VTVC Pyro models (importable as ``pyro_tvc.models``)."""

@@ -1,0 +1,1 @@
+"""Per-sample task-vector composition."""

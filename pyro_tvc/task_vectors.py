@@ -1,0 +1,236 @@
+"""Task vectors: ``tau = theta_finetuned - theta_0``, one block per parameter tensor, names kept.
+
+A :class:`TaskVector` is a small immutable algebra (``+``, ``-``, unary ``-``, scalar ``*``) over named tensors;
+a :class:`TaskVectorBank` stacks T task vectors per block (``[T, *shape]``) for the composition engine.
+Both save to safetensors with metadata (format, task, backbone, sha256 of theta_0) and refuse to mix vectors
+whose keys, shapes, dtypes, backbones or theta_0 differ.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+FORMAT = "pyro-tvc-task-vector/1"
+
+
+class TaskVectorError(ValueError):
+    """Task vectors (or checkpoints) that cannot be combined or loaded; the message says which key and why."""
+
+
+def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash over sorted names, dtypes, shapes and bytes (independent of dict order and device)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], what: str = "state dicts") -> None:
+    """Raise :class:`TaskVectorError` unless ``a`` and ``b`` have the same keys, shapes and dtypes."""
+    missing, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if missing or extra:
+        raise TaskVectorError(f"{what} have different keys: only in first {missing[:5]}, only in second {extra[:5]}")
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise TaskVectorError(f"{what}: shape mismatch at {k!r}: {tuple(a[k].shape)} vs {tuple(b[k].shape)}")
+        if a[k].dtype != b[k].dtype:
+            raise TaskVectorError(f"{what}: dtype mismatch at {k!r}: {a[k].dtype} vs {b[k].dtype}")
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@dataclass(frozen=True)
+class TaskVector:
+    """Named parameter differences of one task. ``meta`` carries ``task``, ``backbone``, ``theta0_sha256``."""
+
+    params: dict[str, torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_state_dicts(cls, pretrained: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor],
+                         task: str = "", backbone: str = "") -> "TaskVector":
+        """``finetuned - pretrained`` over floating-point tensors; both must have the same keys, shapes, dtypes."""
+        check_compatible(pretrained, finetuned, "pre-trained and fine-tuned state dicts")
+        params = {k: (finetuned[k].detach() - pretrained[k].detach()) for k in pretrained
+                  if pretrained[k].is_floating_point()}
+        meta = {"task": task, "backbone": backbone, "theta0_sha256": state_dict_sha256(pretrained)}
+        return cls(params, meta)
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "")
+
+    def _combine(self, other: "TaskVector", sign: float) -> "TaskVector":
+        if not isinstance(other, TaskVector):
+            return NotImplemented
+        check_compatible(self.params, other.params, "task vectors")
+        for key in ("backbone", "theta0_sha256"):
+            mine, theirs = self.meta.get(key), other.meta.get(key)
+            if mine and theirs and mine != theirs:
+                raise TaskVectorError(f"task vectors disagree on {key}: {mine!r} vs {theirs!r}")
+        op = "+" if sign > 0 else "-"
+        meta = {**self.meta, "task": f"({self.task}{op}{other.task})"}
+        return TaskVector({k: v + sign * other.params[k] for k, v in self.params.items()}, meta)
+
+    def __add__(self, other: "TaskVector") -> "TaskVector":
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: "TaskVector") -> "TaskVector":
+        return self._combine(other, -1.0)
+
+    def __neg__(self) -> "TaskVector":
+        return TaskVector({k: -v for k, v in self.params.items()}, {**self.meta, "task": f"-{self.task}"})
+
+    def __mul__(self, scale: float) -> "TaskVector":
+        if not isinstance(scale, (int, float)):
+            return NotImplemented
+        return TaskVector({k: scale * v for k, v in self.params.items()}, {**self.meta, "task": f"{scale}*{self.task}"})
+
+    __rmul__ = __mul__
+
+    def apply_to(self, pretrained: Mapping[str, torch.Tensor], scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """``theta_0 + scale * tau``; tensors the vector does not cover (integer buffers) are copied."""
+        theta0_sha = self.meta.get("theta0_sha256")
+        if theta0_sha and state_dict_sha256(pretrained) != theta0_sha:
+            raise TaskVectorError(f"task vector {self.task!r} was built on another theta_0 (sha256 {theta0_sha[:12]}…)")
+        missing = sorted(set(self.params) - set(pretrained))
+        if missing:
+            raise TaskVectorError(f"task vector {self.task!r} has blocks missing from the model: {missing[:5]}")
+        out = {k: v.clone() for k, v in pretrained.items()}
+        for k, v in self.params.items():
+            if out[k].shape != v.shape:
+                raise TaskVectorError(f"shape mismatch at {k!r}: model {tuple(out[k].shape)} vs vector {tuple(v.shape)}")
+            out[k] = out[k] + scale * v.to(out[k].dtype)
+        return out
+
+    def save(self, path: Path) -> None:
+        atomic_save_safetensors(self.params, path, {"format": FORMAT, **self.meta})
+
+    @classmethod
+    def load(cls, path: Path) -> "TaskVector":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"task vector file not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        if meta.get("format") != FORMAT:
+            raise TaskVectorError(f"{path}: not a pyro-tvc task vector (format {meta.get('format')!r}, expected {FORMAT!r})")
+        meta.pop("format")
+        return cls(load_file(str(path)), meta)
+
+
+@dataclass(frozen=True)
+class TaskVectorBank:
+    """T task vectors stacked per block: ``stacked[block]`` is ``[T, *shape]``; blocks keep the model's order."""
+
+    task_names: tuple[str, ...]
+    block_names: tuple[str, ...]
+    stacked: dict[str, torch.Tensor]
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_vectors(cls, vectors: list[TaskVector], block_order: list[str] | None = None) -> "TaskVectorBank":
+        if not vectors:
+            raise TaskVectorError("a bank needs at least one task vector")
+        first = vectors[0]
+        for v in vectors[1:]:
+            check_compatible(first.params, v.params, f"task vectors {first.task!r} and {v.task!r}")
+            for key in ("backbone", "theta0_sha256"):
+                if first.meta.get(key) != v.meta.get(key):
+                    raise TaskVectorError(f"task vectors {first.task!r} and {v.task!r} disagree on {key}")
+        names = list(block_order) if block_order is not None else list(first.params)
+        unknown = sorted(set(names) - set(first.params))
+        if unknown:
+            raise TaskVectorError(f"block order names blocks the vectors lack: {unknown[:5]}")
+        stacked = {b: torch.stack([v.params[b] for v in vectors]) for b in names}
+        meta = {k: first.meta[k] for k in ("backbone", "theta0_sha256") if k in first.meta}
+        return cls(tuple(v.task for v in vectors), tuple(names), stacked, meta)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_names)
+
+    def to(self, device=None, dtype=None) -> "TaskVectorBank":
+        return TaskVectorBank(self.task_names, self.block_names,
+                              {k: v.to(device=device, dtype=dtype) for k, v in self.stacked.items()}, self.meta)
+
+    def select(self, tasks: list[str]) -> "TaskVectorBank":
+        """Sub-bank with the named tasks, in the given order."""
+        unknown = sorted(set(tasks) - set(self.task_names))
+        if unknown:
+            raise TaskVectorError(f"unknown tasks {unknown}; bank has {list(self.task_names)}")
+        idx = torch.tensor([self.task_names.index(t) for t in tasks])
+        return TaskVectorBank(tuple(tasks), self.block_names, {k: v[idx] for k, v in self.stacked.items()}, self.meta)
+
+    def vector(self, task: str) -> TaskVector:
+        i = self.task_names.index(task)
+        return TaskVector({k: v[i] for k, v in self.stacked.items()}, {**self.meta, "task": task})
+
+
+# --- checkpoint import ------------------------------------------------------------------------------------------
+
+def load_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Load a state dict from the formats users have.
+
+    * ``.safetensors`` files;
+    * plain ``torch.save``'d state dicts, and open_clip training checkpoints (``{"state_dict": ..., "epoch": ...}``,
+      keys possibly prefixed ``module.``), read with ``weights_only=True``;
+    * whole pickled modules (as the task_vectors repository ships its fine-tuned encoders) only when
+      ``allow_pickle=True``, because unpickling runs arbitrary code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for "needs unpickling"
+        if not allow_pickle:
+            raise TaskVectorError(
+                f"{path}: not loadable with weights_only=True (probably a whole pickled module). Unpickling runs "
+                f"code from the file; if you trust it, pass allow_pickle=True (CLI: --allow-pickle).") from err
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TaskVectorError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def image_encoder_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the image tower of a CLIP state dict (``visual.*``, prefix stripped); other dicts pass through."""
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    if visual:
+        return visual
+    # task_vectors' ImageEncoder wraps open_clip's model as ``model.visual``
+    visual = {k.removeprefix("model.visual."): v for k, v in state.items() if k.startswith("model.visual.")}
+    return visual or dict(state)
