@@ -147,6 +147,10 @@ def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretrai
 
 def run_prepare(cfg: PrepareConfig) -> dict:
     """Build (or reuse) every artefact and return the accuracy table."""
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such file (pyro-tvc loads local weights only)")
+    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
+        raise FileNotFoundError(f"--data-root {cfg.data_root}: no such folder")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     paths = ArtifactPaths(Path(cfg.out))

@@ -1,0 +1,279 @@
+"""Fast composed forwards: each layer computes its per-sample output without N copies of the network.
+
+Every parameter of a CLIP ViT enters its layer linearly, so for sample i the layer output is exact with the
+composed parameter ``W_i = W_0 + sum_c coef[i, c] comps[c]``. Per layer type:
+
+* linear map on tokens ``x [N, L, in]`` (L >= 2): *weight space*. ``W_i`` is one GEMM
+  (``coef [N, C] @ comps [C, out*in]``), then one batched GEMM; cost ~ (1 + C/L) x plain. ``W_i`` is transient:
+  the pair runs under ``torch.utils.checkpoint`` so backward recomputes it instead of keeping N weight copies.
+* linear map on one vector per sample ``x [N, in]`` (L = 1, e.g. the final projection): *activation space*,
+  ``x W_0^T + sum_c coef[i, c] (x comps_c^T)`` as one GEMM against ``[W_0; comps]`` (same cost, no W_i at all).
+* low-rank components: ``x W_0^T + ((x V) * (coef ⊗ S)) U^T``: two dense GEMMs for all samples at once.
+* vectors (biases, LayerNorm affine, class/positional embeddings): the per-sample tensor itself (cheap).
+
+The forwards are installed by :func:`patched_forwards`, which temporarily replaces ``forward`` on the modules
+that own composed parameters; :data:`FAST_FORWARDS` says which module types are supported.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pyro_tvc.compose.components import ParamComponents
+
+# Bytes of transient per-sample weights allowed at once; larger batches are composed in chunks of samples.
+WEIGHT_CHUNK_BYTES = 256 * 2**20
+
+
+class Composed:
+    """One composed parameter for the current call: base tensor, its components and ``coef [N, C]``."""
+
+    def __init__(self, base: torch.Tensor, comps: ParamComponents, coef: torch.Tensor):
+        self.base, self.comps, self.coef = base, comps, coef
+
+    def per_sample(self) -> torch.Tensor:
+        """``[N, *shape]``."""
+        return self.base + self.comps.delta(self.coef)
+
+
+def _param(module: nn.Module, name: str):
+    """The composed parameter ``name`` of ``module`` for this call, or its plain tensor (shared by all samples)."""
+    state = getattr(module, "_pyro_tvc_composed", {})
+    return state.get(name, getattr(module, name))
+
+
+def _per_sample_vector(p, ndim: int) -> torch.Tensor | None:
+    """A 1-D parameter as ``[N, 1, ..., 1, d]`` broadcastable against an ``ndim``-dim activation (None stays None)."""
+    if p is None:
+        return None
+    if isinstance(p, Composed):
+        v = p.per_sample()
+        return v.reshape(v.shape[0], *([1] * (ndim - 2)), v.shape[-1])
+    return p
+
+
+def _weight_space(x3: torch.Tensor, base: torch.Tensor, dense: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``x3 [n, L, in]`` through per-sample ``W_i = base + coef_i @ dense`` -> ``[n, L, out]``."""
+    weights = torch.addmm(base.reshape(1, -1), coef, dense.reshape(dense.shape[0], -1)).reshape(-1, *base.shape)
+    return torch.bmm(x3, weights.transpose(1, 2))
+
+
+def composed_linear(x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """``x [N, *, in]`` -> ``[N, *, out]`` with per-sample (or shared) weight ``[out, in]`` and bias ``[out]``."""
+    n = x.shape[0]
+    if not isinstance(weight, Composed):
+        y = F.linear(x, weight)
+    else:
+        w0, comps, coef = weight.base, weight.comps, weight.coef
+        if comps.factors is not None:
+            U, S, Vh = comps.factors  # [C, out, r], [C, r], [C, r, in]
+            C, r = S.shape
+            V_cat = Vh.reshape(C * r, -1)  # [C*r, in]
+            U_cat = U.permute(1, 0, 2).reshape(U.shape[1], C * r)  # [out, C*r]
+            scale = (coef[:, :, None] * S[None]).reshape(n, 1, C * r)
+            x3 = x.reshape(n, -1, x.shape[-1])
+            out = w0.shape[0]
+            # one GEMM for the base map and the projection onto all factors, one fused GEMM+add for the rest
+            z = F.linear(x3, torch.cat([w0, V_cat]))  # [n, L, out + C*r]
+            h = (z[..., out:] * scale).reshape(-1, C * r)
+            y = torch.addmm(z[..., :out].reshape(-1, out), h, U_cat.T).reshape(*x.shape[:-1], out)
+        elif x.ndim == 2:
+            C = comps.dense.shape[0]
+            stacked = torch.cat([w0[None], comps.dense]).reshape((C + 1) * w0.shape[0], -1)
+            z = F.linear(x, stacked).reshape(n, C + 1, w0.shape[0])
+            y = z[:, 0] + torch.einsum("nc,nco->no", coef, z[:, 1:])
+        else:
+            x3 = x.reshape(n, -1, x.shape[-1])
+            chunk = max(1, WEIGHT_CHUNK_BYTES // (w0.numel() * w0.element_size()))
+            outs = []
+            for s in range(0, n, chunk):
+                args = (x3[s:s + chunk], w0, comps.dense, coef[s:s + chunk])
+                if torch.is_grad_enabled():
+                    outs.append(checkpoint(_weight_space, *args, use_reentrant=False))
+                else:
+                    outs.append(_weight_space(*args))
+            y = torch.cat(outs).reshape(*x.shape[:-1], -1)
+    b = _per_sample_vector(bias, y.ndim)
+    return y if b is None else y + b
+
+
+# --- module forwards ----------------------------------------------------------------------------------------------
+
+def linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return composed_linear(x, _param(module, "weight"), _param(module, "bias"))
+
+
+def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    w, b = _param(module, "weight"), _param(module, "bias")
+    if not isinstance(w, Composed) and not isinstance(b, Composed):
+        return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
+    if len(module.normalized_shape) != 1:
+        raise NotImplementedError("fast composition supports LayerNorm over the last dim only; use method='reference'")
+    y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    w, b = _per_sample_vector(w, x.ndim), _per_sample_vector(b, x.ndim)
+    y = y * w if w is not None else y
+    return y + b if b is not None else y
+
+
+def conv2d_forward(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Patch embedding (kernel == stride, no padding): unfold into patches, then a composed linear map.
+    Any other conv: per-sample weights through one grouped convolution (groups = N)."""
+    n = x.shape[0]
+    weight, bias = _param(module, "weight"), _param(module, "bias")
+    k, s = module.kernel_size, module.stride
+    is_patchify = (k == s and module.padding in ((0, 0), "valid") and module.dilation == (1, 1) and module.groups == 1)
+    if is_patchify:
+        patches = F.unfold(x, k, stride=s)  # [N, Cin*kh*kw, P]
+        gh, gw = (x.shape[2] - k[0]) // s[0] + 1, (x.shape[3] - k[1]) // s[1] + 1
+        if isinstance(weight, Composed):
+            c = weight.comps
+            w = Composed(weight.base.flatten(1), ParamComponents(c.name, c.dense.flatten(2), c.index, c.factors),
+                         weight.coef)
+        else:
+            w = weight.flatten(1)
+        y = composed_linear(patches.transpose(1, 2), w, bias)  # [N, P, out]
+        return y.transpose(1, 2).reshape(n, -1, gh, gw)
+    w = weight.per_sample() if isinstance(weight, Composed) else weight.expand(n, *weight.shape)
+    b = bias.per_sample() if isinstance(bias, Composed) else (None if bias is None else bias.expand(n, -1))
+    y = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1),
+                 module.stride, module.padding, module.dilation, module.groups * n)
+    return y.reshape(n, -1, *y.shape[2:])
+
+
+def _rows(p, start: int, stop: int):
+    """Rows ``[start, stop)`` of a composed (or plain) matrix/vector, for the q/k/v parts of ``in_proj``."""
+    if not isinstance(p, Composed):
+        return None if p is None else p[start:stop]
+    c = p.comps
+    factors = None if c.factors is None else (c.factors[0][:, start:stop], c.factors[1], c.factors[2])
+    return Composed(p.base[start:stop], ParamComponents(c.name, c.dense[:, start:stop], c.index, factors), p.coef)
+
+
+def multihead_attention_forward(module: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+                                need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    """Batch-first ``nn.MultiheadAttention`` with composed in/out projections (``[N, L, E]`` in and out)."""
+    if not module.batch_first:
+        raise NotImplementedError("fast composition needs batch_first=True attention; use method='reference'")
+    if module.bias_k is not None or module.add_zero_attn or not module._qkv_same_embed_dim:
+        raise NotImplementedError("fast composition supports plain nn.MultiheadAttention only; use method='reference'")
+    n, L, E = query.shape
+    h = module.num_heads
+    w_in, b_in = _param(module, "in_proj_weight"), _param(module, "in_proj_bias")
+    if query is key and key is value:
+        q, k, v = composed_linear(query, w_in, b_in).chunk(3, dim=-1)
+    else:
+        q, k, v = (composed_linear(t, _rows(w_in, i * E, (i + 1) * E), _rows(b_in, i * E, (i + 1) * E))
+                   for i, t in enumerate((query, key, value)))
+    q, k, v = (t.reshape(n, t.shape[1], h, E // h).transpose(1, 2) for t in (q, k, v))
+    mask = attn_mask
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(mask, float("-inf"))
+    if key_padding_mask is not None:
+        pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+        pad = pad.masked_fill(key_padding_mask.bool(), float("-inf"))[:, None, None, :]
+        mask = pad if mask is None else mask + pad
+    dropout = module.dropout if module.training else 0.0
+    weights = None
+    if need_weights:
+        scores = q @ k.transpose(-1, -2) / math.sqrt(E // h)
+        if mask is not None:
+            scores = scores + mask
+        if is_causal and attn_mask is None:
+            scores = scores.masked_fill(torch.ones(L, k.shape[2], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        probs = F.dropout(scores.softmax(-1), dropout, module.training)
+        out = probs @ v
+        weights = probs.mean(1) if average_attn_weights else probs
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                             is_causal=is_causal and attn_mask is None)
+    out = out.transpose(1, 2).reshape(n, L, E)
+    proj = module.out_proj
+    out = composed_linear(out, _param(proj, "weight"), _param(proj, "bias"))
+    return out, weights
+
+
+def vision_transformer_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip ``VisionTransformer.forward`` with composed class/positional embeddings and projection."""
+    if module.attn_pool is not None or module.output_tokens:
+        raise NotImplementedError("fast composition supports ViTs without attentional pooling or token outputs")
+    n = x.shape[0]
+    x = module.conv1(x)
+    x = x.reshape(n, x.shape[1], -1).permute(0, 2, 1)  # [N, P, width]
+    cls = _param(module, "class_embedding")
+    cls = cls.per_sample() if isinstance(cls, Composed) else cls.expand(n, -1)
+    x = torch.cat([cls[:, None, :].to(x.dtype), x], dim=1)
+    pos = _param(module, "positional_embedding")
+    x = x + (pos.per_sample() if isinstance(pos, Composed) else pos).to(x.dtype)
+    x = module.patch_dropout(x)
+    x = module.ln_pre(x)
+    x = module.transformer(x)
+    pooled, _ = module._pool(x)
+    proj = _param(module, "proj")
+    if proj is None:
+        return pooled
+    if isinstance(proj, Composed):  # x @ proj == linear with weight proj^T
+        c = proj.comps
+        factors = None if c.factors is None else (c.factors[2].transpose(1, 2), c.factors[1], c.factors[0].transpose(1, 2))
+        proj_t = Composed(proj.base.T, ParamComponents(c.name, c.dense.transpose(1, 2), c.index, factors), proj.coef)
+        return composed_linear(pooled, proj_t, None)
+    return pooled @ proj
+
+
+def _vision_transformer_type():
+    from open_clip.transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+FAST_FORWARDS: list[tuple[Callable[[], type], Callable]] = [
+    (lambda: nn.Linear, linear_forward),
+    (lambda: nn.LayerNorm, layer_norm_forward),
+    (lambda: nn.Conv2d, conv2d_forward),
+    (lambda: nn.MultiheadAttention, multihead_attention_forward),
+    (_vision_transformer_type, vision_transformer_forward),
+]
+
+
+def fast_forward_for(module: nn.Module) -> Callable | None:
+    for get_type, fn in FAST_FORWARDS:
+        if isinstance(module, get_type()):
+            return fn
+    return None
+
+
+@contextlib.contextmanager
+def patched_forwards(root: nn.Module, composed: dict[str, Composed]):
+    """Within the block, modules owning composed parameters run their composed forward."""
+    owners: dict[nn.Module, dict[str, Composed]] = {}
+    for name, comp in composed.items():
+        owner_name, _, local = name.rpartition(".")
+        owner = root.get_submodule(owner_name) if owner_name else root
+        owners.setdefault(owner, {})[local] = comp
+    # nn.MultiheadAttention reads its out_proj's parameters directly (never calls out_proj.forward), so a composed
+    # out_proj needs its parent attention patched too.
+    for attention in root.modules():
+        if isinstance(attention, nn.MultiheadAttention) and attention.out_proj in owners:
+            owners.setdefault(attention, {})
+    patched = []
+    try:
+        for owner, params in owners.items():
+            fn = fast_forward_for(owner)
+            if fn is None:
+                raise NotImplementedError(
+                    f"fast composition does not support parameters of {type(owner).__name__} "
+                    f"({', '.join(params)}); use method='reference'")
+            owner._pyro_tvc_composed = params
+            owner.forward = fn.__get__(owner)
+            patched.append(owner)
+        yield
+    finally:
+        for owner in patched:
+            del owner.forward
+            del owner._pyro_tvc_composed

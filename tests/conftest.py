@@ -1,0 +1,31 @@
+import logging
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+logging.getLogger().setLevel(logging.ERROR)
+torch.set_num_threads(2)
+
+SMOKE_TASKS = ["digits", "eurosat5", "mnist"]
+
+
+@pytest.fixture(autouse=True)
+def _pyro_hygiene():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A tiny but real `prepare` run (3 tasks, few steps): theta_0, heads, task vectors, table."""
+    from pyro_tvc.prepare import PrepareConfig, run_prepare
+
+    out = tmp_path_factory.mktemp("artifacts")
+    run_prepare(PrepareConfig(out=out, tasks=SMOKE_TASKS, pretrain_steps=20, finetune_steps=20, batch_size=64,
+                              max_train=300, quiet=True, device="cpu"))
+    return out

@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pyro_tvc.artifacts import ArtifactPaths, load_clip, load_head
+from pyro_tvc.cli import COMMANDS, main
+from tests.conftest import SMOKE_TASKS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_prepare_writes_every_artefact(prepared):
+    paths = ArtifactPaths(prepared)
+    table = json.loads(paths.table_json.read_text())
+    assert [r["task"] for r in table["rows"]] == SMOKE_TASKS
+    for r in table["rows"]:
+        assert 0 <= r["zero_shot"] <= 100 and 0 <= r["fine_tuned"] <= 100
+        head, classes = load_head(paths.head(r["task"]))
+        assert head.weight.shape[0] == len(classes) == r["classes"]
+    assert "| **average** |" in paths.table_md.read_text()
+    model, name = load_clip(paths.clip)
+    assert name == "pyro-tvc-tiny"
+
+
+def test_prepare_rerun_is_cached(prepared):
+    from pyro_tvc.prepare import PrepareConfig, run_prepare
+
+    before = {p: p.stat().st_mtime_ns for p in prepared.rglob("*.safetensors")}
+    t0 = time.perf_counter()
+    run_prepare(PrepareConfig(out=prepared, tasks=SMOKE_TASKS, pretrain_steps=20, finetune_steps=20, batch_size=64,
+                              max_train=300, quiet=True, device="cpu"))
+    assert time.perf_counter() - t0 < 15
+    assert {p: p.stat().st_mtime_ns for p in prepared.rglob("*.safetensors")} == before
+
+
+def test_corrupted_clip_is_detected(prepared, tmp_path):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = ArtifactPaths(prepared).clip
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(src))
+    state["visual.proj"] = state["visual.proj"] + 1.0
+    save_file(state, str(tmp_path / "clip.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="does not match its manifest"):
+        load_clip(tmp_path / "clip.safetensors")
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: pyro-tvc " + command in capsys.readouterr().out
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    code = main(["prepare", "--out", str(tmp_path), "--model", "ViT-B-32", "--pretrained", str(tmp_path / "no.pt")])
+    assert code == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_wheel_installs_models_and_guides_as_subpackages(tmp_path):
+    """Build the wheel, install it without deps in a scratch venv, and import it from there.
+
+    The scratch venv reaches the test venv's dependencies through a plain path line in a .pth file: that appends
+    the directory to sys.path without running its .pth files, so the editable install of the source tree stays out.
+    """
+    import sysconfig
+
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(REPO)],
+                   check=True, capture_output=True)
+    wheel = next(dist.glob("pyro_tvc-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    scratch_site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  check=True, capture_output=True, text=True).stdout.strip()
+    Path(scratch_site, "_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--force-reinstall", str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import pyro_tvc, pyro_tvc.models, pyro_tvc.guides, pyro_tvc.data, pathlib;"
+            "print(pathlib.Path(pyro_tvc.__file__).parent);"
+            "print(pathlib.Path(pyro_tvc.models.__file__).parent.name)")
+    out = subprocess.run([py, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path).stdout.split()
+    assert str(venv) in out[0], "pyro_tvc must come from the wheel, not the source tree"
+    assert out[1] == "models"
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "pyro_tvc/models/__init__.py" in names and "pyro_tvc/guides/__init__.py" in names
+    assert "pyro_tvc/data/embedded/mnist.npz" in names and "pyro_tvc/model_configs/pyro-tvc-tiny.json" in names
+    assert not any(n.startswith(("models/", "guides/")) for n in names)
