@@ -1,1 +1,8 @@
 """VTVC Pyro guides (importable as ``pyro_tvc.guides``)."""
+from pyro_tvc.guides.amortized import (AmortizedGaussianGuide, AmortizedGuide, AmortizedPointGuide,
+                                       AmortizedSpikeSlabGuide, CoefficientNet)
+from pyro_tvc.guides.gated import GateConfig, GatedSpikeAndSlab, GatedSpikeSlabGuide, gate_masks
+from pyro_tvc.guides.task_level import TaskLevelGuide
+
+__all__ = ["AmortizedGuide", "AmortizedSpikeSlabGuide", "AmortizedGaussianGuide", "AmortizedPointGuide",
+           "CoefficientNet", "GateConfig", "GatedSpikeAndSlab", "GatedSpikeSlabGuide", "gate_masks", "TaskLevelGuide"]

@@ -1,1 +1,7 @@
 """VTVC Pyro models (importable as ``pyro_tvc.models``)."""
+from pyro_tvc.models.distributions import SpikeAndSlab, spike_and_slab_kl
+from pyro_tvc.models.vtvc import (COEF_SITE, OBS_SITE, ClassificationLikelihood, PriorConfig, gaussian_prior_model,
+                                  task_level_model, vtvc_model)
+
+__all__ = ["SpikeAndSlab", "spike_and_slab_kl", "COEF_SITE", "OBS_SITE", "ClassificationLikelihood", "PriorConfig",
+           "vtvc_model", "gaussian_prior_model", "task_level_model"]
