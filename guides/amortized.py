@@ -21,16 +21,17 @@ from torch import nn
 from pyro_tvc.models.distributions import SpikeAndSlab
 from pyro_tvc.models.vtvc import COEF_SITE
 
-LOG_SCALE_RANGE = (-7.0, 1.0)
 
 
 class CoefficientNet(nn.Module):
     """``features [N, D] -> (inclusion_logits, loc, scale)``, each ``[N, K]``."""
 
     def __init__(self, feature_dim: int, num_coefficients: int, hidden: int = 256, init_inclusion: float = 0.5,
-                 init_loc: float = 0.0, init_scale: float = 0.05):
+                 init_loc: float = 0.0, init_scale: float = 0.05, max_scale: float = 0.2):
         super().__init__()
-        self.num_coefficients = num_coefficients
+        if not 0 < init_scale < max_scale:
+            raise ValueError(f"need 0 < init_scale < max_scale, got {init_scale} and {max_scale}")
+        self.num_coefficients, self.max_scale = num_coefficients, max_scale
         self.trunk = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU())
         self.out = nn.Linear(hidden, 3 * num_coefficients)
         nn.init.zeros_(self.out.weight)
@@ -38,21 +39,26 @@ class CoefficientNet(nn.Module):
             bias = self.out.bias.view(3, num_coefficients)
             bias[0] = math.log(init_inclusion / (1 - init_inclusion))
             bias[1] = init_loc
-            bias[2] = math.log(init_scale)
+            bias[2] = math.log(init_scale / (max_scale - init_scale))  # sigmoid^-1(init_scale / max_scale)
 
     def forward(self, features: torch.Tensor):
-        logits, loc, log_scale = self.out(self.trunk(features)).unflatten(-1, (3, self.num_coefficients)).unbind(-2)
-        return logits, loc, log_scale.clamp(*LOG_SCALE_RANGE).exp()
+        logits, loc, raw_scale = self.out(self.trunk(features)).unflatten(-1, (3, self.num_coefficients)).unbind(-2)
+        # A smooth cap on the posterior scale restricts the family (the ELBO stays a valid bound): without it Adam
+        # drives sigma towards the prior's scale on every coefficient the single label of an input cannot inform,
+        # and Monte-Carlo draws of 448 coefficients wreck the composed network (docs/inference.md).
+        return logits, loc, self.max_scale * torch.sigmoid(raw_scale)
 
 
 class AmortizedGuide(nn.Module):
     """Base: holds the network, registers it with Pyro, and opens the same plate as the model."""
 
     def __init__(self, feature_dim: int, num_tasks: int, num_blocks: int, hidden: int = 256,
-                 init_inclusion: float = 0.5, init_loc: float = 0.0, init_scale: float = 0.05, name: str = "guide"):
+                 init_inclusion: float = 0.5, init_loc: float = 0.0, init_scale: float = 0.05, max_scale: float = 0.2,
+                 name: str = "guide"):
         super().__init__()
         self.num_tasks, self.num_blocks, self.name = num_tasks, num_blocks, name
-        self.net = CoefficientNet(feature_dim, num_tasks * num_blocks, hidden, init_inclusion, init_loc, init_scale)
+        self.net = CoefficientNet(feature_dim, num_tasks * num_blocks, hidden, init_inclusion, init_loc, init_scale,
+                                  max_scale)
 
     def posterior(self, features: torch.Tensor) -> dist.Distribution:
         """``q(lambda | x)`` with batch shape ``[N]`` and event shape ``[K]``."""

@@ -66,7 +66,9 @@ class GatedSpikeAndSlab(SpikeAndSlab):
         draw = super().rsample(sample_shape)
         pruned, reliable = self.masks()
         draw = torch.where(reliable, self.loc.expand_as(draw), draw)
-        return torch.where(pruned, torch.zeros_like(draw), draw)
+        # Pruned coefficients are exactly 0 but keep the gradient of their draw (straight-through): a hard prune in
+        # training blocks every gradient to them, and at initialisation (mu = 0) it prunes everything forever.
+        return torch.where(pruned, draw - draw.detach(), draw)
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():

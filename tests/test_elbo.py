@@ -49,7 +49,7 @@ def problem():
 
 def make_guide(estimator="straight_through", seed=0):
     torch.manual_seed(seed)
-    guide = AmortizedSpikeSlabGuide(D, 1, K, hidden=6, estimator=estimator, init_scale=0.6).double()
+    guide = AmortizedSpikeSlabGuide(D, 1, K, hidden=6, estimator=estimator, init_scale=0.6, max_scale=5.0).double()
     with torch.no_grad():  # a generic, input-dependent posterior rather than the step-0 initialisation
         guide.net.out.weight.normal_(0, 0.4)
         guide.net.out.bias.normal_(0, 0.5)
@@ -228,7 +228,7 @@ def test_categorical_likelihood_matches_gauss_hermite():
             return pyro.distributions.Categorical(logits=base + (lam[..., None] * directions).sum(-2))
 
     torch.manual_seed(0)
-    guide = AmortizedSpikeSlabGuide(D, 1, K2, hidden=6, init_scale=0.8).double()
+    guide = AmortizedSpikeSlabGuide(D, 1, K2, hidden=6, init_scale=0.8, max_scale=5.0).double()
     with torch.no_grad():
         guide.net.out.weight.normal_(0, 0.4)
         guide.net.out.bias.normal_(0, 0.5)

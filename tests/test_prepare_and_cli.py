@@ -99,3 +99,19 @@ def test_wheel_installs_models_and_guides_as_subpackages(tmp_path):
     assert "pyro_tvc/models/__init__.py" in names and "pyro_tvc/guides/__init__.py" in names
     assert "pyro_tvc/data/embedded/mnist.npz" in names and "pyro_tvc/model_configs/pyro-tvc-tiny.json" in names
     assert not any(n.startswith(("models/", "guides/")) for n in names)
+
+
+def test_train_smoke_writes_run_folder(prepared, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", "--artifacts", str(prepared), "--target", "digits", "--out", str(out), "--epochs", "1",
+                 "--max-train", "128", "--eval-samples", "2", "--quiet", "--device", "cpu"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] == ["eurosat5", "mnist"]
+    assert 0.0 <= results["sparsity"] <= 1.0 and results["true_elbo_per_datum"] < 0
+    assert (out / "checkpoints" / "epoch1.pt").exists() and (out / "command.txt").exists()
+    from pyro_tvc.infer import load_checkpoint
+
+    state = load_checkpoint(out / "checkpoints" / "epoch1.pt")  # weights_only=True
+    assert state["epoch"] == 1 and any(k.startswith("guide") for k in state["params"])
+    assert main(["train", "--artifacts", str(prepared), "--target", "svhn", "--out", str(out)]) == 2
