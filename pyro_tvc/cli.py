@@ -107,10 +107,29 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _diagnose_parser(sub) -> None:
+    p = sub.add_parser("diagnose", help="ArviZ posterior diagnostics of a training run",
+                       description="Writes RUN_DIR/diagnostics/: posterior.nc (ArviZ DataTree), coefficients.csv, "
+                                   "inputs.csv, summary.json, PNG plots and index.md linking them.")
+    p.add_argument("run_dir", type=Path, help="a folder written by `pyro-tvc train`")
+    p.add_argument("--num-obs", type=int, default=16, help="test inputs whose posteriors are exported (default 16)")
+    p.add_argument("--draws", type=int, default=200, help="posterior draws per input (default 200)")
+    p.add_argument("--mc-samples", type=int, default=16, help="draws for the MC predictive on the whole test split")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_diagnose(args) -> int:
+    from pyro_tvc.diagnostics.report import diagnose
+
+    out = diagnose(args.run_dir, args.num_obs, args.draws, args.mc_samples, args.seed)
+    print(f"diagnostics: {out / 'index.md'}")
+    return 0
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job: prepare the embedded default, then train VTVC on one target",
-                       description="Runs `prepare` (cached) and `train --guide gated` on the embedded default, then "
-                                   "writes runs/demo/summary.md with both tables.")
+                       description="Runs `prepare` (cached), `train --guide gated` and `diagnose` on the embedded "
+                                   "default, then writes runs/demo/summary.md with the tables.")
     p.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS)
     p.add_argument("--target", default="mnist")
     p.add_argument("--out", type=Path, default=Path("runs") / "demo")
@@ -123,6 +142,8 @@ def _cmd_demo(args) -> int:
         return 1
     if main(["train", "--artifacts", str(args.artifacts), "--target", args.target, "--out", str(args.out), *common]):
         return 1
+    if main(["diagnose", str(args.out), "--seed", str(args.seed)]):
+        return 1
     summary = (args.artifacts / "table.md").read_text() + "\n" + (args.out / "results.md").read_text()
     (args.out / "summary.md").write_text(summary)
     print(f"demo summary: {args.out / 'summary.md'}")
@@ -130,7 +151,7 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"prepare": (_prepare_parser, _cmd_prepare), "train": (_train_parser, _cmd_train),
-            "demo": (_demo_parser, _cmd_demo)}
+            "diagnose": (_diagnose_parser, _cmd_diagnose), "demo": (_demo_parser, _cmd_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,3 +29,15 @@ def prepared(tmp_path_factory) -> Path:
     run_prepare(PrepareConfig(out=out, tasks=SMOKE_TASKS, pretrain_steps=20, finetune_steps=20, batch_size=64,
                               max_train=300, quiet=True, device="cpu"))
     return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(prepared, tmp_path_factory) -> Path:
+    """A one-epoch `pyro-tvc train` run on a small subset (target digits, the other smoke tasks' vectors)."""
+    from pyro_tvc.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "digits-gated"
+    code = main(["train", "--artifacts", str(prepared), "--target", "digits", "--out", str(out), "--epochs", "1",
+                 "--max-train", "128", "--eval-samples", "2", "--quiet", "--device", "cpu"])
+    assert code == 0
+    return out
