@@ -67,6 +67,14 @@ def main() -> None:
             parts.append(f"| {r['rank'] or 'full'} | {r['batch']} | {fmt(r['svi_step_ms'])} | {fmt(r['task_level_step_ms'])} | "
                          f"{fmt(r['ratio'], 2)} |")
         parts.append("")
+    lr = load("benchmarks/results/lowrank_accuracy.json")
+    if lr:
+        parts.append("**Low-rank task vectors** (`benchmarks/results/lowrank_accuracy.json`): relative error of the "
+                     "rank-r matrix blocks and mean test accuracy of theta_0 + tau_t^(r) over the 9 tasks:\n")
+        parts.append("| rank | " + " | ".join(str(r["rank"] or "full") for r in lr) + " |")
+        parts.append("|---|" + "---|" * len(lr))
+        parts.append("| relative error | " + " | ".join(fmt(r["relative_error"], 3) for r in lr) + " |")
+        parts.append("| mean fine-tuned accuracy | " + " | ".join(fmt(r["mean_accuracy"]) for r in lr) + " |\n")
     gv = load("benchmarks/results/gradient_variance.json")
     if gv:
         parts.append(f"**Gradient variance** (`benchmarks/results/gradient_variance.json`): gated / ungated total variance "

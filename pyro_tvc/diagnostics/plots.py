@@ -92,9 +92,8 @@ def elbo_trace(trace: np.ndarray, path: Path) -> Path:
         ax.plot(np.arange(w - 1, len(trace)), np.convolve(trace, np.ones(w) / w, "valid"), lw=2,
                 label=f"moving average ({w})")
     ax.set_xlabel("SVI step")
-    ax.set_ylabel("-ELBO / training input (KL as weighted in training)")
-    ax.set_yscale("symlog")
-    ax.set_title("Training objective")
+    ax.set_ylabel("-ELBO per input (nats)")
+    ax.set_title("Training objective (KL as weighted in training)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
