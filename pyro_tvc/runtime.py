@@ -55,6 +55,8 @@ def read_json(path: Path):
 
 def progress(iterable=None, quiet: bool = False, **kw):
     """tqdm progress bar on stderr, silenced by ``--quiet`` (and when stderr is not a terminal in CI logs)."""
+    # Off a terminal (CI logs, files) redraw rarely instead of writing hundreds of carriage-return lines.
+    kw.setdefault("mininterval", 0.1 if sys.stderr.isatty() else 15.0)
     return tqdm(iterable, disable=quiet, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
 
 
