@@ -16,6 +16,7 @@ results: venv
 	.venv/bin/python benchmarks/svi_step.py --out benchmarks/results/svi_step.json
 	.venv/bin/python benchmarks/gradient_variance.py --out benchmarks/results/gradient_variance.json
 	.venv/bin/python benchmarks/lowrank_accuracy.py --out benchmarks/results/lowrank_accuracy.json
+	.venv/bin/python benchmarks/variants.py --out benchmarks/results/variants.json
 	cp artifacts/pyro-tvc-tiny/table.json benchmarks/results/prepare_table.json
 	cp runs/demo/results.json benchmarks/results/demo_results.json
 	cp runs/demo/diagnostics/summary.json benchmarks/results/demo_diagnostics_summary.json

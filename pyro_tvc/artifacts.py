@@ -57,19 +57,21 @@ def save_clip(model: torch.nn.Module, model_name: str, path: Path) -> str:
     return theta0_sha
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def _checked_metadata(path: Path, expected_format: str, kind: str) -> dict[str, str]:
+    """Metadata of an artefact file, after checking that it exists and has the expected format tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `pyro-tvc prepare` first")
     with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != expected_format:
+        raise ValueError(f"{path}: not a pyro-tvc {kind} file (format {meta.get('format')!r})")
+    return meta
 
 
 def load_clip(path: Path, device="cpu") -> tuple[torch.nn.Module, str]:
     """Rebuild the CLIP saved by :func:`save_clip` and verify the image tower's hash. Returns (model, model_name)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `pyro-tvc prepare` first")
-    meta = _metadata(path)
-    if meta.get("format") != CLIP_FORMAT:
-        raise ValueError(f"{path}: not a pyro-tvc CLIP file (format {meta.get('format')!r})")
+    meta = _checked_metadata(path, CLIP_FORMAT, "CLIP")
     model = create_clip(meta["model"])
     model.load_state_dict(load_file(str(path)))
     sha = state_dict_sha256(image_encoder(model).state_dict())
@@ -84,12 +86,7 @@ def save_head(head: ZeroShotHead, classes: list[str], path: Path) -> None:
 
 
 def load_head(path: Path, device="cpu") -> tuple[ZeroShotHead, list[str]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `pyro-tvc prepare` first")
-    meta = _metadata(path)
-    if meta.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{path}: not a pyro-tvc head file (format {meta.get('format')!r})")
+    meta = _checked_metadata(path, HEAD_FORMAT, "head")
     weight = load_file(str(path))["weight"].to(device)
     return ZeroShotHead(weight, float(meta["logit_scale"])), json.loads(meta["classes"])
 

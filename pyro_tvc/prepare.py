@@ -151,22 +151,24 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such file (pyro-tvc loads local weights only)")
     if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
         raise FileNotFoundError(f"--data-root {cfg.data_root}: no such folder")
+    if cfg.data_root is not None and cfg.pretrained is None and not ArtifactPaths(Path(cfg.out)).clip.exists():
+        raise ValueError("pre-training theta_0 uses the embedded sets; with --data-root pass --pretrained FILE")
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     paths = ArtifactPaths(Path(cfg.out))
     t_start = time.perf_counter()
-    transform = None
-    if cfg.data_root is not None:
-        _, _, transform = open_clip.create_model_and_transforms(cfg.model, pretrained=None)
     splits_cache: dict[str, TaskSplits] = {}
+    transform: list = [None]  # set once theta_0 exists (real data sets need the model's preprocessing)
 
     def splits() -> dict[str, TaskSplits]:
         if not splits_cache:
-            splits_cache.update(_load_splits(cfg, transform))
+            splits_cache.update(_load_splits(cfg, transform[0]))
         return splits_cache
 
     model = _theta0(cfg, paths, device, splits)
     encoder = image_encoder(model)
+    if cfg.data_root is not None:
+        transform[0] = open_clip.image_transform(encoder.image_size, is_train=False)
     theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     theta0_sha = state_dict_sha256(theta0)
     tokenizer = tokenizer_for(cfg.model)

@@ -49,6 +49,16 @@ def main() -> None:
             parts.append(f"| {r['prediction']} | {fmt(r['accuracy'])} | {fmt(r['nll'], 3)} | {fmt(r['brier'], 3)} | "
                          f"{fmt(r['ece'], 3)} | {fmt(r['auroc_entropy_error'], 3)} |")
         parts.append("")
+    var = load("benchmarks/results/variants.json")
+    if var:
+        parts.append(f"**Guide variants** on the same target (`benchmarks/results/variants.json`, rank-{var[0]['rank']} "
+                     "composition, KL weight 1e-3 in training; ELBO with KL weight 1, each variant's own model):\n")
+        parts.append("| guide | MC accuracy | single-model accuracy | exact zeros % | true ELBO / input | train s |\n"
+                     "|---|---|---|---|---|---|")
+        for r in var:
+            parts.append(f"| {r['guide']} | {fmt(r['mc_accuracy'])} | {fmt(r['gated_accuracy'])} | "
+                         f"{fmt(100 * r['sparsity'])} | {fmt(r['true_elbo_per_datum'])} | {fmt(r['train_seconds'], 0)} |")
+        parts.append("")
     comp = load("benchmarks/results/compose_quick.json")
     if comp:
         parts.append(f"**Composition engine** (`benchmarks/results/compose_quick.json`, tiny CLIP, batch 64, T = 7, "

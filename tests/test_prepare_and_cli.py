@@ -112,3 +112,31 @@ def test_train_smoke_writes_run_folder(prepared, trained_run):
     state = load_checkpoint(out / "checkpoints" / "epoch1.pt")  # weights_only=True
     assert state["epoch"] == 1 and any(k.startswith("guide") for k in state["params"])
     assert main(["train", "--artifacts", str(prepared), "--target", "svhn", "--out", str(out)]) == 2
+
+
+def test_prepare_real_path_with_pretrained_file_and_data_root(tmp_path):
+    """The real-benchmark code path (--pretrained FILE --data-root DIR, torchvision/ImageFolder loading, the model's
+    own preprocessing) on a tiny stand-in: a saved tiny CLIP and a two-class RESISC45 folder."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pyro_tvc.backbones import create_clip
+    from pyro_tvc.prepare import PrepareConfig, run_prepare
+
+    torch.manual_seed(0)
+    torch.save(create_clip().state_dict(), tmp_path / "clip.pt")
+    rng = np.random.default_rng(0)
+    for c, colour in (("beach", 200), ("forest", 40)):
+        (tmp_path / "data" / "resisc45" / c).mkdir(parents=True)
+        for i in range(15):
+            img = np.clip(rng.normal(colour, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / "data" / "resisc45" / c / f"{i}.png")
+    table = run_prepare(PrepareConfig(out=tmp_path / "out", pretrained=tmp_path / "clip.pt",
+                                      data_root=tmp_path / "data", tasks=["RESISC45"], finetune_steps=3,
+                                      batch_size=8, quiet=True, device="cpu"))
+    row = table["rows"][0]
+    assert row["task"] == "RESISC45" and row["classes"] == 2
+    assert (tmp_path / "out" / "task_vectors" / "RESISC45.safetensors").exists()
+    with pytest.raises(ValueError, match="--pretrained"):
+        run_prepare(PrepareConfig(out=tmp_path / "out2", data_root=tmp_path / "data", tasks=["RESISC45"]))
