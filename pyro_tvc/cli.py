@@ -126,6 +126,32 @@ def _cmd_diagnose(args) -> int:
     return 0
 
 
+def _import_parser(sub) -> None:
+    p = sub.add_parser("import-vector", help="build a task vector from a fine-tuned checkpoint of a prepared theta_0",
+                       description="tau = fine-tuned image encoder - theta_0, from a plain state dict, an open_clip "
+                                   "checkpoint or safetensors; whole pickled modules (task_vectors' format) only with "
+                                   "--allow-pickle, because unpickling runs code from the file.")
+    p.add_argument("finetuned", type=Path, help="fine-tuned checkpoint file")
+    p.add_argument("--task", required=True, help="task name (file name of the vector)")
+    p.add_argument("--artifacts", type=Path, default=DEFAULT_ARTIFACTS, help="folder holding theta_0 (clip.safetensors)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow unpickling whole modules (trusted files only)")
+
+
+def _cmd_import(args) -> int:
+    from pyro_tvc.artifacts import ArtifactPaths, load_clip
+    from pyro_tvc.backbones import image_encoder
+    from pyro_tvc.task_vectors import TaskVector, image_encoder_state, load_checkpoint
+
+    paths = ArtifactPaths(args.artifacts)
+    model, name = load_clip(paths.clip)
+    theta0 = image_encoder(model).state_dict()
+    finetuned = image_encoder_state(load_checkpoint(args.finetuned, allow_pickle=args.allow_pickle))
+    vector = TaskVector.from_state_dicts(theta0, finetuned, task=args.task, backbone=name)
+    vector.save(paths.task_vector(args.task))
+    print(f"task vector {args.task!r} ({len(vector.params)} blocks) -> {paths.task_vector(args.task)}")
+    return 0
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job: prepare the embedded default, then train VTVC on one target",
                        description="Runs `prepare` (cached), `train --guide gated` and `diagnose` on the embedded "
@@ -151,7 +177,8 @@ def _cmd_demo(args) -> int:
 
 
 COMMANDS = {"prepare": (_prepare_parser, _cmd_prepare), "train": (_train_parser, _cmd_train),
-            "diagnose": (_diagnose_parser, _cmd_diagnose), "demo": (_demo_parser, _cmd_demo)}
+            "diagnose": (_diagnose_parser, _cmd_diagnose), "import-vector": (_import_parser, _cmd_import),
+            "demo": (_demo_parser, _cmd_demo)}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from pyro_tvc.data import EMBEDDED_TASKS, TaskSplits, dataset_labels, infinite_b
 from pyro_tvc.data.prompts import templates_for
 from pyro_tvc.evaluation import accuracy
 from pyro_tvc.runtime import progress, resolve_device, seed_everything, write_json, read_json
-from pyro_tvc.task_vectors import TaskVector, TaskVectorError, load_checkpoint, state_dict_sha256
+from pyro_tvc.task_vectors import TaskVector, state_dict_sha256
 
 
 @dataclass
@@ -131,12 +131,10 @@ def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretrai
             raise ValueError(f"{paths.clip} holds {name!r}, not {cfg.model!r}: use another --out")
         return model
     torch.manual_seed(cfg.seed)
-    model = create_clip(cfg.model, device=str(device))
+    # open_clip's own loader reads state dicts, its training checkpoints, safetensors and OpenAI's TorchScript files.
+    model = create_clip(cfg.model, pretrained=cfg.pretrained, device=str(device))
     if cfg.pretrained is not None:
-        state = load_checkpoint(cfg.pretrained)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing:
-            raise TaskVectorError(f"{cfg.pretrained}: {len(missing)} parameters of {cfg.model} missing, e.g. {missing[:3]}")
+        pass
     elif cfg.model == TINY_MODEL:
         pretrain_clip(model, splits_for_pretraining(), cfg, device)
     else:

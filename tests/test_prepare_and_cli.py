@@ -140,3 +140,28 @@ def test_prepare_real_path_with_pretrained_file_and_data_root(tmp_path):
     assert (tmp_path / "out" / "task_vectors" / "RESISC45.safetensors").exists()
     with pytest.raises(ValueError, match="--pretrained"):
         run_prepare(PrepareConfig(out=tmp_path / "out2", data_root=tmp_path / "data", tasks=["RESISC45"]))
+
+
+def test_import_vector_from_checkpoints(prepared, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from pyro_tvc.artifacts import ArtifactPaths, load_clip
+    from pyro_tvc.task_vectors import TaskVector
+
+    art = tmp_path / "art"
+    shutil.copytree(prepared, art)
+    model, _ = load_clip(ArtifactPaths(art).clip)
+    with torch.no_grad():
+        model.visual.proj.add_(0.5)
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "ft.pt")
+    assert main(["import-vector", str(tmp_path / "ft.pt"), "--task", "custom", "--artifacts", str(art)]) == 0
+    tv = TaskVector.load(ArtifactPaths(art).task_vector("custom"))
+    assert torch.allclose(tv.params["proj"], torch.full_like(tv.params["proj"], 0.5), atol=1e-6)
+    assert tv.params["conv1.weight"].abs().max() == 0
+    torch.save(model.visual, tmp_path / "module.pt")  # a whole pickled module
+    assert main(["import-vector", str(tmp_path / "module.pt"), "--task", "pickled", "--artifacts", str(art)]) == 2
+    assert "allow_pickle" in capsys.readouterr().err
+    assert main(["import-vector", str(tmp_path / "module.pt"), "--task", "pickled", "--artifacts", str(art),
+                 "--allow-pickle"]) == 0
