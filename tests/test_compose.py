@@ -166,3 +166,22 @@ def test_unsupported_layer_in_fast_path_names_it():
         composer(torch.tensor([[0, 1]]), torch.zeros(1, 1, 1))
     out = Composer(odd, random_bank(odd, 1), method="reference")(torch.tensor([[0, 1]]), torch.zeros(1, 1, 1))
     torch.testing.assert_close(out, odd(torch.tensor([[0, 1]])))
+
+
+def test_chunked_weight_space_matches_unchunked(tiny_clip, monkeypatch):
+    """Composing per-sample weights in chunks of samples (memory cap) changes nothing but memory."""
+    from pyro_tvc.compose import layers
+
+    encoder, bank = tiny_clip
+    lam = (0.3 * torch.randn(5, bank.num_tasks, bank.num_blocks)).requires_grad_()
+    x = torch.randn(5, 3, 32, 32)
+    composer = Composer(encoder, bank, "fast")
+    whole = composer(x, lam)
+    g_whole, = torch.autograd.grad(whole.sum(), lam)
+    monkeypatch.setattr(layers, "WEIGHT_CHUNK_BYTES", 1)
+    monkeypatch.setattr(layers, "GRAD_MIN_CHUNK_BYTES", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(composer(x, lam), whole, rtol=1e-5, atol=1e-5)
+    chunked = composer(x, lam)
+    g_chunked, = torch.autograd.grad(chunked.sum(), lam)
+    torch.testing.assert_close(g_chunked, g_whole, rtol=1e-4, atol=1e-5)

@@ -27,8 +27,18 @@ from torch.utils.checkpoint import checkpoint
 
 from pyro_tvc.compose.components import ParamComponents
 
-# Bytes of transient per-sample weights allowed at once; larger batches are composed in chunks of samples.
+# Bytes of transient per-sample weights composed at once; larger batches are composed in chunks of samples.
+# Without grad a generous cap. With grad the weights are recomputed in backward, where their gradient doubles them,
+# so the cap follows the layer's input activations (at least GRAD_MIN_CHUNK_BYTES): training's peak memory then stays
+# close to that of a plain forward+backward.
 WEIGHT_CHUNK_BYTES = 256 * 2**20
+GRAD_MIN_CHUNK_BYTES = 4 * 2**20
+
+
+def _samples_per_chunk(x3: torch.Tensor, w0: torch.Tensor, grad: bool) -> int:
+    per_sample = w0.numel() * w0.element_size()
+    budget = max(GRAD_MIN_CHUNK_BYTES, x3.numel() * x3.element_size()) if grad else WEIGHT_CHUNK_BYTES
+    return max(1, budget // per_sample)
 
 
 class Composed:
@@ -90,11 +100,12 @@ def composed_linear(x: torch.Tensor, weight, bias) -> torch.Tensor:
             y = z[:, 0] + torch.einsum("nc,nco->no", coef, z[:, 1:])
         else:
             x3 = x.reshape(n, -1, x.shape[-1])
-            chunk = max(1, WEIGHT_CHUNK_BYTES // (w0.numel() * w0.element_size()))
+            grad = torch.is_grad_enabled()
+            chunk = _samples_per_chunk(x3, w0, grad)
             outs = []
             for s in range(0, n, chunk):
                 args = (x3[s:s + chunk], w0, comps.dense, coef[s:s + chunk])
-                if torch.is_grad_enabled():
+                if grad:
                     outs.append(checkpoint(_weight_space, *args, use_reentrant=False))
                 else:
                     outs.append(_weight_space(*args))

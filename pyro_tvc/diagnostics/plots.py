@@ -54,8 +54,7 @@ def inclusion_heatmap(tree, path: Path) -> Path:
     ax = fig.subplots()
     im = ax.imshow(incl, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
-    ax.set_xticks(range(len(blocks)), [b.replace("transformer.resblocks.", "L").replace(".weight", ".w")
-                                       .replace(".bias", ".b") for b in blocks], rotation=90, fontsize=5)
+    ax.set_xticks(range(len(blocks)), [short_block(b) for b in blocks], rotation=90, fontsize=5)
     fig.colorbar(im, ax=ax, label="inclusion probability")
     ax.set_title(f"P(coefficient != 0), mean over {post.sizes['obs']} {tree.attrs.get('target', '')} test inputs "
                  f"(task vector x parameter block; Lk = transformer block k)")
@@ -111,3 +110,22 @@ def uncertainty_vs_error(probs: np.ndarray, labels: np.ndarray, path: Path) -> P
     ax.set_title(f"Does uncertainty flag errors? AUROC = {auroc(entropy, wrong):.3f}")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def short_block(name: str) -> str:
+    return name.replace("transformer.resblocks.", "L").replace(".weight", ".w").replace(".bias", ".b")
+
+
+def arviz_forest(tree, obs, path: Path, top: int = 10) -> Path:
+    """ArviZ's own forest plot (arviz_plots.plot_forest) of one input's ``top`` largest coefficients."""
+    import arviz_plots as azp
+    import xarray as xr
+
+    coef = tree["posterior"]["coef"].sel(obs=obs).stack(component=("task", "block"))
+    order = np.argsort(-np.abs(coef.mean(("chain", "draw")).values))[:top]
+    sel = coef.isel(component=order)
+    labels = [f"{t} / {short_block(b)}" for t, b in sel["component"].values]
+    ds = xr.Dataset({"coef": sel.drop_vars(["component", "task", "block"]).assign_coords(component=labels)})
+    collection = azp.plot_forest(ds, backend="matplotlib")
+    collection.savefig(path)
+    return path

@@ -63,6 +63,7 @@ def diagnose(run_dir: Path, num_obs: int = 16, num_draws: int = 200, mc_samples:
                "Uncertainty vs error": plots.uncertainty_vs_error(mc, y, out / "uncertainty_vs_error.png")}
     for o in obs[:3]:
         figures[f"Forest plot, input {o}"] = plots.forest(tree, o, out / f"forest_obs{o}.png")
+    figures[f"ArviZ forest plot, input {obs[0]}"] = plots.arviz_forest(tree, obs[0], out / f"arviz_forest_obs{obs[0]}.png")
     lines = [f"# Diagnostics of `{run_dir}`", "",
              f"Target **{problem.cfg.target}**, guide **{problem.cfg.guide}**, KL weight {problem.cfg.kl_weight}; "
              f"{num_draws} posterior draws for {len(obs)} test inputs in `posterior.nc` (ArviZ DataTree, NetCDF); "
