@@ -69,6 +69,19 @@ def main() -> None:
                          f"{fmt(r['forward_backward_ms'])} | {fmt(r['forward_backward_ratio_to_plain'], 2)} | "
                          f"{fmt(r['peak_mem_mb'])} | {fmt(r['mem_ratio_to_plain'], 2)} |")
         parts.append("")
+    full = load("benchmarks/results/compose_full.json")
+    if full:
+        vit = [r for r in full if r["model"] != "pyro-tvc-tiny"]
+        parts.append("**ViT-B/32** (random weights, T = 7, `benchmarks/results/compose_full.json`; skipped rows keep N "
+                     "copies of theta for backward, 22 GB at batch 64):\n")
+        parts.append("| batch | method | rank | forward × plain | fwd+bwd × plain | peak memory × plain |\n|---|---|---|---|---|---|")
+        for r in vit:
+            if "skipped" in r:
+                parts.append(f"| {r['batch']} | {r['method']} | {r['rank'] or '–'} | skipped | | |")
+            else:
+                parts.append(f"| {r['batch']} | {r['method']} | {r['rank'] or '–'} | {fmt(r['forward_ratio_to_plain'], 2)} | "
+                             f"{fmt(r['forward_backward_ratio_to_plain'], 2)} | {fmt(r['mem_ratio_to_plain'], 2)} |")
+        parts.append("")
     svi = load("benchmarks/results/svi_step.json")
     if svi:
         parts.append("**SVI step vs task-level (aTLAS-style) step**, same batch (`benchmarks/results/svi_step.json`):\n")

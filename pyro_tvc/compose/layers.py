@@ -68,50 +68,68 @@ def _per_sample_vector(p, ndim: int) -> torch.Tensor | None:
     return p
 
 
-def _weight_space(x3: torch.Tensor, base: torch.Tensor, dense: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """``x3 [n, L, in]`` through per-sample ``W_i = base + coef_i @ dense`` -> ``[n, L, out]``."""
+def _weight_space(x3: torch.Tensor, base: torch.Tensor, dense: torch.Tensor, coef: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``x3 [n, L, in]`` through per-sample ``W_i = base + coef_i @ dense`` (+ ``bias [n, out]``) -> ``[n, L, out]``."""
     weights = torch.addmm(base.reshape(1, -1), coef, dense.reshape(dense.shape[0], -1)).reshape(-1, *base.shape)
-    return torch.bmm(x3, weights.transpose(1, 2))
+    if bias is None:
+        return torch.bmm(x3, weights.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x3, weights.transpose(1, 2))
+
+
+def _bias_per_sample(bias, n: int) -> torch.Tensor | None:
+    """``[n, out]`` (composed or shared bias), or None."""
+    if bias is None:
+        return None
+    return bias.per_sample() if isinstance(bias, Composed) else bias.expand(n, -1)
+
+
+def _lowrank_linear(x3: torch.Tensor, weight: Composed, bias) -> torch.Tensor:
+    """``x3 [n, L, in] -> [n * L, out]`` through ``W_0 + sum_c coef_c U_c diag(S_c) V_c^T`` and the bias.
+
+    Two GEMMs against existing weights (concatenating ``[W_0; V]`` would copy W_0 on every call and keep the copy
+    for backward), then one fused GEMM + add for the factor term, into which a composed bias is folded as extra
+    columns (its coefficients times its components) instead of another pass over the output."""
+    U, S, Vh = weight.comps.factors  # [C, out, r], [C, r], [C, r, in]
+    n, L = x3.shape[:2]
+    C, r = S.shape
+    out = weight.base.shape[0]
+    V_cat = Vh.reshape(C * r, -1)  # [C*r, in], a view
+    U_cat = U.permute(1, 0, 2).reshape(out, C * r)  # [out, C*r]
+    h = F.linear(x3, V_cat) * (weight.coef[:, :, None] * S[None]).reshape(n, 1, C * r)
+    base_bias = bias.base if isinstance(bias, Composed) else bias
+    if isinstance(bias, Composed):
+        h = torch.cat([h, bias.coef[:, None, :].expand(n, L, -1)], dim=-1)
+        U_cat = torch.cat([U_cat, bias.comps.dense.T], dim=1)
+    return torch.addmm(F.linear(x3, weight.base, base_bias).reshape(-1, out), h.reshape(n * L, -1), U_cat.T)
 
 
 def composed_linear(x: torch.Tensor, weight, bias) -> torch.Tensor:
     """``x [N, *, in]`` -> ``[N, *, out]`` with per-sample (or shared) weight ``[out, in]`` and bias ``[out]``."""
     n = x.shape[0]
     if not isinstance(weight, Composed):
-        y = F.linear(x, weight)
-    else:
-        w0, comps, coef = weight.base, weight.comps, weight.coef
-        if comps.factors is not None:
-            U, S, Vh = comps.factors  # [C, out, r], [C, r], [C, r, in]
-            C, r = S.shape
-            V_cat = Vh.reshape(C * r, -1)  # [C*r, in]
-            U_cat = U.permute(1, 0, 2).reshape(U.shape[1], C * r)  # [out, C*r]
-            scale = (coef[:, :, None] * S[None]).reshape(n, 1, C * r)
-            x3 = x.reshape(n, -1, x.shape[-1])
-            out = w0.shape[0]
-            # one GEMM for the base map and the projection onto all factors, one fused GEMM+add for the rest
-            z = F.linear(x3, torch.cat([w0, V_cat]))  # [n, L, out + C*r]
-            h = (z[..., out:] * scale).reshape(-1, C * r)
-            y = torch.addmm(z[..., :out].reshape(-1, out), h, U_cat.T).reshape(*x.shape[:-1], out)
-        elif x.ndim == 2:
-            C = comps.dense.shape[0]
-            stacked = torch.cat([w0[None], comps.dense]).reshape((C + 1) * w0.shape[0], -1)
-            z = F.linear(x, stacked).reshape(n, C + 1, w0.shape[0])
-            y = z[:, 0] + torch.einsum("nc,nco->no", coef, z[:, 1:])
-        else:
-            x3 = x.reshape(n, -1, x.shape[-1])
-            grad = torch.is_grad_enabled()
-            chunk = _samples_per_chunk(x3, w0, grad)
-            outs = []
-            for s in range(0, n, chunk):
-                args = (x3[s:s + chunk], w0, comps.dense, coef[s:s + chunk])
-                if grad:
-                    outs.append(checkpoint(_weight_space, *args, use_reentrant=False))
-                else:
-                    outs.append(_weight_space(*args))
-            y = torch.cat(outs).reshape(*x.shape[:-1], -1)
-    b = _per_sample_vector(bias, y.ndim)
-    return y if b is None else y + b
+        if isinstance(bias, Composed):
+            return F.linear(x, weight) + _per_sample_vector(bias, x.ndim)
+        return F.linear(x, weight, bias)
+    w0, comps, coef = weight.base, weight.comps, weight.coef
+    x3 = x.reshape(n, -1, x.shape[-1])
+    if comps.factors is not None:
+        return _lowrank_linear(x3, weight, bias).reshape(*x.shape[:-1], w0.shape[0])
+    if x.ndim == 2:
+        C = comps.dense.shape[0]
+        stacked = torch.cat([w0[None], comps.dense]).reshape((C + 1) * w0.shape[0], -1)
+        z = F.linear(x, stacked).reshape(n, C + 1, w0.shape[0])
+        y = z[:, 0] + torch.einsum("nc,nco->no", coef, z[:, 1:])
+        b = _per_sample_vector(bias, y.ndim)
+        return y if b is None else y + b
+    grad = torch.is_grad_enabled()
+    chunk = _samples_per_chunk(x3, w0, grad)
+    b = _bias_per_sample(bias, n)
+    outs = []
+    for s in range(0, n, chunk):
+        args = (x3[s:s + chunk], w0, comps.dense, coef[s:s + chunk], None if b is None else b[s:s + chunk])
+        outs.append(checkpoint(_weight_space, *args, use_reentrant=False) if grad else _weight_space(*args))
+    return torch.cat(outs).reshape(*x.shape[:-1], -1)
 
 
 # --- module forwards ----------------------------------------------------------------------------------------------
@@ -129,6 +147,8 @@ def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("fast composition supports LayerNorm over the last dim only; use method='reference'")
     y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
     w, b = _per_sample_vector(w, x.ndim), _per_sample_vector(b, x.ndim)
+    if w is not None and b is not None:
+        return torch.addcmul(b, y, w)  # one pass instead of a multiply and an add
     y = y * w if w is not None else y
     return y + b if b is not None else y
 
