@@ -12,7 +12,6 @@ to the plain forward measured in the same run on the same device.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from pyro_tvc.backbones import TINY_MODEL, create_clip, image_encoder
 from pyro_tvc.compose.engine import Composer
 from pyro_tvc.task_vectors import TaskVector, TaskVectorBank
+from pyro_tvc.runtime import write_json
 
 
 def random_bank(encoder: torch.nn.Module, n_tasks: int, seed: int = 0) -> TaskVectorBank:
@@ -169,8 +169,7 @@ def main() -> None:
             platform.machine(), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     for r in records:
         r.update(meta)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1))
+    write_json(args.out, records)  # atomic, creates the folder
     print(f"wrote {len(records)} records to {args.out}", file=sys.stderr)
 
 

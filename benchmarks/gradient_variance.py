@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import artefact_args  # noqa: E402
 
 from pyro_tvc.infer import TrainConfig, build_problem, fit, ungated  # noqa: E402
+from pyro_tvc.runtime import write_json  # noqa: E402
 
 
 def gradients(problem, elbo, x, f, y, idx, repeats: int) -> torch.Tensor:
@@ -83,8 +84,7 @@ def main() -> None:
     result["variance_ratio_gated_to_ungated"] = result["gated_st"]["total_variance"] / result["ungated_st"]["total_variance"]
     result["variance_ratio_score_function_to_ungated"] = (result["score_function"]["total_variance"]
                                                           / result["ungated_st"]["total_variance"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)  # atomic, creates the folder
     print(json.dumps(result, indent=1))
 
 

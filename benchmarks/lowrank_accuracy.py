@@ -9,7 +9,6 @@ fine-tuning gain survives at rank r. The relative Frobenius error is over the ma
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pyro_tvc.backbones import image_encoder
 from pyro_tvc.compose.components import ComponentLayout, lowrank_error
 from pyro_tvc.data import load_embedded
 from pyro_tvc.evaluation import accuracy
+from pyro_tvc.runtime import write_json
 
 
 def main() -> None:
@@ -53,8 +53,7 @@ def main() -> None:
         records.append(rec)
         print(f"rank {rank!s:>4}: error {rec['relative_error']:.3f}, mean fine-tuned accuracy {rec['mean_accuracy']:.2f}",
               file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1))
+    write_json(args.out, records)  # atomic, creates the folder
 
 
 if __name__ == "__main__":

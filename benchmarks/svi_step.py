@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import artefact_args  # noqa: E402
 
 from pyro_tvc.infer import TrainConfig, build_problem  # noqa: E402
+from pyro_tvc.runtime import write_json  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -70,8 +71,7 @@ def main() -> None:
                "task_level_step_ms": task_ms, "ratio": svi_ms / task_ms, "threads": torch.get_num_threads()}
         records.append(rec)
         print(json.dumps(rec), file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1))
+    write_json(args.out, records)  # atomic, creates the folder
 
 
 if __name__ == "__main__":

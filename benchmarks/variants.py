@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pyro_tvc.infer import GUIDES, TrainConfig, train
+from pyro_tvc.runtime import write_json
 
 
 def main() -> None:
@@ -41,8 +42,7 @@ def main() -> None:
         rec["rank"] = args.rank or None
         records.append(rec)
         print(json.dumps(rec), file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(records, indent=1))
+    write_json(args.out, records)  # atomic, creates the folder
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 """The posterior-exploration notebook runs top to bottom in fast mode (outputs are cleared in git)."""
-import os
 import shutil
 import time
 from pathlib import Path

@@ -38,7 +38,6 @@ def test_prepare_rerun_is_cached(prepared):
 
 
 def test_corrupted_clip_is_detected(prepared, tmp_path):
-    import torch
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 

@@ -139,7 +139,6 @@ def linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_norm_forward(module: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    n = x.shape[0]
     w, b = _param(module, "weight"), _param(module, "bias")
     if not isinstance(w, Composed) and not isinstance(b, Composed):
         return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
