@@ -26,7 +26,19 @@ from arviz_base import from_dict
 from pyro_tvc.infer import GateConfig, Problem, TrainConfig, build_problem, load_checkpoint, ungated
 
 
-def load_run(run_dir: Path, device: str = "cpu") -> Problem:
+def _find_artifacts(recorded: str, run_dir: Path) -> Path:
+    """The artefact folder a run recorded: as written (absolute, or relative to the working directory), else relative
+    to one of the run folder's ancestors (a run recorded from the repository root, opened from notebooks/)."""
+    path = Path(recorded)
+    if path.is_absolute() or path.exists():
+        return path
+    for ancestor in run_dir.resolve().parents:
+        if (ancestor / path).exists():
+            return ancestor / path
+    raise FileNotFoundError(f"artefact folder {recorded!r} recorded by {run_dir} not found; pass artifacts=...")
+
+
+def load_run(run_dir: Path, device: str = "cpu", artifacts: Path | None = None) -> Problem:
     """Rebuild the problem of a run folder and load the last checkpoint's parameters into its guide."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.json"
@@ -36,7 +48,8 @@ def load_run(run_dir: Path, device: str = "cpu") -> Problem:
     fields = TrainConfig.__dataclass_fields__
     kw = {k: v for k, v in raw.items() if k in fields}
     kw["gate"] = GateConfig(**raw["gate"])
-    kw["artifacts"], kw["out"], kw["device"], kw["quiet"] = Path(raw["artifacts"]), run_dir, device, True
+    kw["artifacts"] = Path(artifacts) if artifacts is not None else _find_artifacts(raw["artifacts"], run_dir)
+    kw["out"], kw["device"], kw["quiet"] = run_dir, device, True
     cfg = TrainConfig(**kw)
     checkpoints = sorted((run_dir / "checkpoints").glob("epoch*.pt"), key=lambda p: int(p.stem[5:]))
     if not checkpoints:
