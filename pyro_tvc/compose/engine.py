@@ -81,7 +81,10 @@ class Composer(nn.Module):
 
     def merged_parameters(self, coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
         """Task-level merge: ``coefficients [T, B]`` -> ``{name: theta_0 + sum_tb lambda tau}``."""
-        flat = self.layout.flatten(coefficients)
+        return self._composed_parameters(self.layout.flatten(coefficients))
+
+    def _composed_parameters(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``flat [T*B]`` -> merged parameters; ``flat [N, T*B]`` -> per-sample parameters ``[N, *shape]``."""
         base = dict(self.module.named_parameters())
         return {p: base[p] + c.delta(c.coefficients(flat)) for p, c in self.layout.params.items()}
 
@@ -93,19 +96,15 @@ class Composer(nn.Module):
             raise ValueError(f"coefficients are for {flat.shape[0]} samples but x has {x.shape[0]}")
         return getattr(self, f"_{self.method}")(x, flat)
 
-    def _per_sample_parameters(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        base = dict(self.module.named_parameters())
-        return {p: base[p] + c.delta(c.coefficients(flat)) for p, c in self.layout.params.items()}
-
     def _naive(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         outs = []
         for i in range(x.shape[0]):
-            params = {p: w[0] for p, w in self._per_sample_parameters(flat[i:i + 1]).items()}
+            params = {p: w[0] for p, w in self._composed_parameters(flat[i:i + 1]).items()}
             outs.append(functional_call(self.module, params, (x[i:i + 1],)))
         return torch.cat(outs)
 
     def _reference(self, x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        params = self._per_sample_parameters(flat)
+        params = self._composed_parameters(flat)
 
         def one(p, xi):
             return functional_call(self.module, p, (xi.unsqueeze(0),)).squeeze(0)
