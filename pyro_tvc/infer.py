@@ -224,11 +224,17 @@ def load_checkpoint(path: Path, device="cpu") -> dict:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def restore_params(state: dict) -> None:
+def restore_params(problem: Problem, state: dict) -> None:
+    """Put a checkpoint's parameters back: the guide network's into its module (``pyro.module`` names them
+    ``<guide name>$$$<parameter>``), the rest (task-level guide, learned prior) into Pyro's param store."""
+    device = problem.splits["train"][2].device
+    if isinstance(problem.guide, torch.nn.Module):
+        prefix = f"{problem.guide.name}$$$"
+        problem.guide.load_state_dict({k[len(prefix):]: v for k, v in state["params"].items() if k.startswith(prefix)})
     store = pyro.get_param_store()
     for name, value in state["params"].items():
-        if name in store:
-            store[name] = value.to(store[name].device)
+        if "$$$" not in name:
+            store[name] = value.to(device)
 
 
 def fit(problem: Problem, checkpoint_dir: Path | None = None) -> tuple[list[float], list[dict]]:

@@ -23,7 +23,8 @@ import torch
 import xarray as xr
 from arviz_base import from_dict
 
-from pyro_tvc.infer import GateConfig, Problem, TrainConfig, build_problem, load_checkpoint, ungated
+from pyro_tvc.infer import (GateConfig, Problem, TrainConfig, build_problem, load_checkpoint, restore_params,
+                             ungated)
 
 
 def _find_artifacts(recorded: str, run_dir: Path) -> Path:
@@ -56,14 +57,7 @@ def load_run(run_dir: Path, device: str = "cpu", artifacts: Path | None = None) 
         raise FileNotFoundError(f"{run_dir}/checkpoints has no epoch*.pt")
     pyro.clear_param_store()
     problem = build_problem(cfg)
-    state = load_checkpoint(checkpoints[-1], device)
-    if isinstance(problem.guide, torch.nn.Module):
-        prefix = f"{problem.guide.name}$$$"
-        problem.guide.load_state_dict({k[len(prefix):]: v for k, v in state["params"].items() if k.startswith(prefix)})
-    store = pyro.get_param_store()
-    for name, value in state["params"].items():
-        if "$$$" not in name:
-            store[name] = value.to(device)
+    restore_params(problem, load_checkpoint(checkpoints[-1], device))
     return problem
 
 
