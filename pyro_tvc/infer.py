@@ -166,12 +166,11 @@ def predictive_probs(problem: Problem, split: str, samples: int, batch_size: int
     """Monte-Carlo posterior predictive class probabilities ``[S, N, C]`` (``pyro.infer.Predictive``)."""
     x_all, f_all, _ = problem.splits[split]
     out = []
+    pred = Predictive(problem.model, guide=problem.guide, num_samples=samples, return_sites=("probs",), parallel=True)
     ctx = contextlib.nullcontext() if gated else ungated(problem.guide)
     with ctx:
         for s in range(0, len(x_all), batch_size):
             idx = torch.arange(s, min(s + batch_size, len(x_all)), device=x_all.device)
-            pred = Predictive(problem.model, guide=problem.guide, num_samples=samples, return_sites=("probs", "coef"),
-                              parallel=True)
             kw = problem.kwargs(split, idx)
             out.append(pred(x_all[idx], f_all[idx], None, **kw)["probs"].reshape(samples, len(idx), -1))
     return torch.cat(out, dim=1)
