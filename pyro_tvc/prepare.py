@@ -130,15 +130,13 @@ def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretrai
         if name != cfg.model:
             raise ValueError(f"{paths.clip} holds {name!r}, not {cfg.model!r}: use another --out")
         return model
+    if cfg.pretrained is None and cfg.model != TINY_MODEL:
+        raise ValueError(f"--model {cfg.model} needs --pretrained FILE (only {TINY_MODEL} is pre-trained locally)")
     torch.manual_seed(cfg.seed)
     # open_clip's own loader reads state dicts, its training checkpoints, safetensors and OpenAI's TorchScript files.
     model = create_clip(cfg.model, pretrained=cfg.pretrained, device=str(device))
-    if cfg.pretrained is not None:
-        pass
-    elif cfg.model == TINY_MODEL:
+    if cfg.pretrained is None:
         pretrain_clip(model, splits_for_pretraining(), cfg, device)
-    else:
-        raise ValueError(f"--model {cfg.model} needs --pretrained FILE (only {TINY_MODEL} is pre-trained locally)")
     save_clip(model, cfg.model, paths.clip)
     return model.eval()
 
