@@ -3,6 +3,9 @@ from pyro_tvc.guides.amortized import (AmortizedGaussianGuide, AmortizedGuide, A
                                        AmortizedSpikeSlabGuide, CoefficientNet)
 from pyro_tvc.guides.gated import GateConfig, GatedSpikeAndSlab, GatedSpikeSlabGuide, gate_masks
 from pyro_tvc.guides.task_level import TaskLevelGuide
+from pyro_tvc.guides.hierarchical import HierarchicalGuide
+from pyro_tvc.guides.conditional import ConditionalGuide
 
 __all__ = ["AmortizedGuide", "AmortizedSpikeSlabGuide", "AmortizedGaussianGuide", "AmortizedPointGuide",
-           "CoefficientNet", "GateConfig", "GatedSpikeAndSlab", "GatedSpikeSlabGuide", "gate_masks", "TaskLevelGuide"]
+           "CoefficientNet", "GateConfig", "GatedSpikeAndSlab", "GatedSpikeSlabGuide", "gate_masks", "TaskLevelGuide",
+           "HierarchicalGuide", "ConditionalGuide"]
