@@ -34,6 +34,23 @@ from pyro_tvc.compose.components import ParamComponents
 WEIGHT_CHUNK_BYTES = 256 * 2**20
 GRAD_MIN_CHUNK_BYTES = 4 * 2**20
 
+# The fused Triton kernel for the weight-space form (pyro_tvc/compose/triton_linear.py, W_i never in memory):
+# "auto" lets pyro_tvc.compose.dispatch choose it for tensors on CUDA when Triton imports (CPU: never consulted);
+# "on" always on CUDA (benchmarks); "off" never; "interpret" always, through Triton's CPU interpreter (tests: slow).
+FUSED_KERNEL = "auto"
+
+
+def _route_fused(x3: torch.Tensor, w0: torch.Tensor, dense: torch.Tensor) -> bool:
+    if FUSED_KERNEL == "interpret":
+        return True
+    if FUSED_KERNEL not in ("auto", "on") or not x3.is_cuda or w0.requires_grad or dense.requires_grad:
+        return False
+    if FUSED_KERNEL == "on":
+        return True
+    from pyro_tvc.compose.dispatch import use_fused_kernel
+
+    return use_fused_kernel(x3.shape[0], x3.shape[1], w0.shape[1], w0.shape[0], dense.shape[0], x3.device, x3.dtype)
+
 
 def _samples_per_chunk(x3: torch.Tensor, w0: torch.Tensor, grad: bool) -> int:
     per_sample = w0.numel() * w0.element_size()
@@ -122,9 +139,14 @@ def composed_linear(x: torch.Tensor, weight, bias) -> torch.Tensor:
         y = z[:, 0] + torch.einsum("nc,nco->no", coef, z[:, 1:])
         b = _per_sample_vector(bias, y.ndim)
         return y if b is None else y + b
+    b = _bias_per_sample(bias, n)
+    if _route_fused(x3, w0, comps.dense):
+        from pyro_tvc.compose.triton_linear import fused_composed_linear
+
+        y = fused_composed_linear(x3, w0, comps.dense, coef, b, interpret=FUSED_KERNEL == "interpret")
+        return y.reshape(*x.shape[:-1], -1)
     grad = torch.is_grad_enabled()
     chunk = _samples_per_chunk(x3, w0, grad)
-    b = _bias_per_sample(bias, n)
     outs = []
     for s in range(0, n, chunk):
         args = (x3[s:s + chunk], w0, comps.dense, coef[s:s + chunk], None if b is None else b[s:s + chunk])
