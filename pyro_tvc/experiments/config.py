@@ -1,0 +1,109 @@
+"""The benchmark's configuration (the ``pyro-tvc benchmark`` options are derived from it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyro_tvc.backbones import TINY_MODEL
+from pyro_tvc.data import EMBEDDED_TASKS
+from pyro_tvc.methods import get_method, method_names
+from pyro_tvc.methods.base import MethodConfig
+
+DEMO_TARGETS = ["mnist", "eurosat5", "dtd10"]
+DEMO_METHODS = ["zero_shot", "finetuned", "task_arithmetic", "ties", "atlas", "adamerging", "metanet",
+                "task_level_vi", "vtvc_gated", "vtvc_ungated"]
+FULL_PROTOCOLS = ["target", "addition", "negation"]
+
+
+@dataclass
+class BenchmarkConfig:
+    """Protocols x methods x targets x seeds on prepared artefacts.
+
+    Args:
+        artifacts: folder written by ``pyro-tvc prepare``.
+        out: run folder (cells/, results.json, results.csv, table.md, plots).
+        protocols: any of target, addition, negation.
+        methods: registered method names (``pyro-tvc benchmark --list`` shows them); default: every method that
+            serves the protocol.
+        targets: targets of target composition and negation (default: every prepared task).
+        pool: task vectors to compose (default: every prepared vector but the target's).
+        seeds: seeds (each >= 1); means and standard deviations are taken over them, paired across methods.
+        shots: k labelled training images per class for target composition (aTLAS's few-shot setting; None: all).
+        max_train: cap on training images per task (None: all).
+        epochs: epochs of the gradient-trained methods (the best validation epoch is kept).
+        rank: rank of the per-sample methods' low-rank composition (None: full rank).
+        lr: learning rate of the per-sample methods.
+        eval_samples: posterior draws of the Monte-Carlo predictions.
+        negation_control: control task of negation (must keep >= 95 % of its zero-shot accuracy).
+        selection_per_task: held-out train inputs per task for model selection in addition and negation.
+        full: the committed benchmark: every protocol, method and target with 3 seeds (overrides the lists).
+        resume: continue an interrupted run in ``out`` (finished cells are reused).
+        overwrite: replace an existing ``out``.
+        device: auto (CUDA when present), cpu or cuda[:i].
+        quiet: no progress bars.
+    """
+
+    artifacts: Path = Path("artifacts") / TINY_MODEL
+    out: Path = Path("runs") / "benchmark"
+    protocols: list[str] = field(default_factory=lambda: ["target", "addition"])
+    methods: list[str] | None = None
+    targets: list[str] | None = None
+    pool: list[str] | None = None
+    seeds: list[int] = field(default_factory=lambda: [1])
+    shots: int | None = None
+    max_train: int | None = 2000
+    epochs: int = 5
+    rank: int | None = 16
+    lr: float = 1e-2
+    eval_samples: int = 16
+    negation_control: str = "cifar10"
+    selection_per_task: int = 200
+    full: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    quiet: bool = False
+
+    def __post_init__(self):
+        from pyro_tvc.protocols import PROTOCOLS
+
+        if self.full:
+            self.protocols, self.methods, self.targets = list(FULL_PROTOCOLS), None, None
+            self.seeds = [1, 2, 3]
+        if not self.protocols:
+            raise ValueError("--protocols is empty; accepted: " + ", ".join(PROTOCOLS))
+        for p in self.protocols:
+            if p not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {p!r}; accepted: {', '.join(PROTOCOLS)}")
+        for m in self.methods or []:
+            get_method(m)  # raises, listing the known methods
+        if self.methods is not None and not self.methods:
+            raise ValueError("--methods is empty; known methods: " + ", ".join(method_names()))
+        if not self.seeds or any(s <= 0 for s in self.seeds):
+            raise ValueError(f"--seeds must be positive integers, got {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds has duplicates: {self.seeds}")
+        if self.pool is not None and not self.pool:
+            raise ValueError("--pool is empty: give task names with prepared vectors, or leave it out")
+        for name, value in (("shots", self.shots), ("max_train", self.max_train), ("rank", self.rank)):
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        for name, value in (("epochs", self.epochs), ("eval_samples", self.eval_samples),
+                            ("selection_per_task", self.selection_per_task)):
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.negation_control not in EMBEDDED_TASKS:
+            raise ValueError(f"--negation-control {self.negation_control!r} is not a known task; "
+                             f"known: {', '.join(EMBEDDED_TASKS)}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: choose one")
+
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(epochs=self.epochs, lr=self.lr, rank=self.rank, eval_samples=self.eval_samples,
+                            max_train=self.max_train)
+
+    def methods_for(self, protocol: str) -> list[str]:
+        names = method_names(protocol)
+        return names if self.methods is None else [m for m in self.methods if m in names]

@@ -1,0 +1,155 @@
+"""Tables (mean ± sd over seeds, paired) and plots from the benchmark's tidy records."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pyro_tvc.methods import get_method
+
+PREDICTION_LABEL = {"single": "", "mc": " (MC)"}
+MAIN_METRIC = {"target": "accuracy", "addition": "accuracy", "negation": "accuracy"}
+
+
+def label(method: str, prediction: str) -> str:
+    return get_method(method).label + PREDICTION_LABEL.get(prediction, f" ({prediction})")
+
+
+def _fmt(mean: float, sd: float, n: int, digits: int = 1) -> str:
+    if mean != mean:
+        return "–"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def _mean_sd(values) -> tuple[float, float, int]:
+    v = np.asarray([x for x in values if x is not None and x == x], dtype=float)
+    if not len(v):
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def seed_averages(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per (method, prediction, seed): the mean over tasks of ``metric`` (tasks weighed equally)."""
+    sub = df[(df.metric == metric) & (df.task != "ALL")]
+    return sub.groupby(["method", "prediction", "seed"], sort=False)["value"].mean().reset_index()
+
+
+def relative_cost(df: pd.DataFrame, protocol: str) -> dict:
+    """Inference time per input relative to zero-shot's in the same cells, mean over seeds."""
+    ms = df[(df.protocol == protocol) & (df.metric == "inference_ms_per_input")]
+    zs = ms[ms.method == "zero_shot"].groupby("seed")["value"].mean()
+    out = {}
+    for (m, p), g in ms.groupby(["method", "prediction"], sort=False):
+        ratios = [v / zs[s] for s, v in zip(g.seed, g.value) if s in zs and zs[s] > 0]
+        out[(m, p)] = float(np.mean(ratios)) if ratios else float("nan")
+    return out
+
+
+def protocol_table(df: pd.DataFrame, protocol: str) -> tuple[str, dict]:
+    sub = df[df.protocol == protocol]
+    if sub.empty:
+        return "", {}
+    tasks = [t for t in dict.fromkeys(sub[(sub.metric == "accuracy")].task) if t != "ALL"]
+    avg = seed_averages(sub, "accuracy")
+    cost = relative_cost(df, protocol)
+    extra = {"addition": [("normalized_accuracy", "normalised avg %")],
+             "negation": [("control_accuracy", "control avg %"), ("control_retained_percent", "control kept %")]}
+    extra = extra.get(protocol, [])
+    head = ["method"] + tasks + ["average"] + [h for _, h in extra] + ["exact zeros %", "train s",
+                                                                        "inference × zero-shot"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    summary = {}
+    for (m, p), g in sub.groupby(["method", "prediction"], sort=False):
+        if not (g.metric == "accuracy").any():
+            continue
+        cells = [label(m, p)]
+        for t in tasks:
+            cells.append(_fmt(*_mean_sd(g[(g.metric == "accuracy") & (g.task == t)].value)))
+        per_seed = avg[(avg.method == m) & (avg.prediction == p)].set_index("seed")["value"]
+        mean, sd, n = _mean_sd(per_seed.values)
+        cells.append(_fmt(mean, sd, n))
+        entry = {"average": mean, "sd": sd, "seeds": n, "per_seed": {int(k): float(v) for k, v in per_seed.items()}}
+        for metric, _ in extra:
+            ps = seed_averages(g, metric)["value"].values
+            cells.append(_fmt(*_mean_sd(ps)))
+            entry[metric] = _mean_sd(ps)[0]
+        zeros = g[g.metric == "exact_zero_fraction"].value
+        z = _mean_sd(100.0 * zeros.astype(float))[0] if len(zeros) else float("nan")
+        train = df[(df.protocol == protocol) & (df.method == m) & (df.metric == "train_seconds")].value
+        ts = _mean_sd(train)[0] if (p == "single" or p == sub[sub.method == m].prediction.iloc[0]) else float("nan")
+        cells += ["–" if z != z else f"{z:.1f}", "–" if ts != ts else f"{ts:.1f}",
+                  "–" if cost.get((m, p), float("nan")) != cost.get((m, p), float("nan")) else f"{cost[(m, p)]:.2f}"]
+        entry |= {"exact_zero_percent": z, "train_seconds": ts, "relative_inference_cost": cost.get((m, p))}
+        summary[f"{m}:{p}"] = entry
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", summary
+
+
+TITLES = {"target": "Target composition: test accuracy %, composing the other tasks' vectors",
+          "addition": "Task addition: test accuracy % of one composed model for all tasks",
+          "negation": "Task negation: target test accuracy % (lower is better) with the control kept >= 95 %"}
+
+
+def plot_accuracy(df: pd.DataFrame, protocol: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sub = df[(df.protocol == protocol) & (df.metric == "accuracy") & (df.task != "ALL")]
+    if sub.empty:
+        return
+    means = sub.groupby(["method", "prediction", "task"], sort=False)["value"].mean().unstack("task")
+    tasks = list(means.columns)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(tasks) + 4), 5), constrained_layout=True)
+    width = 0.8 / len(means)
+    for i, ((m, p), row) in enumerate(means.iterrows()):
+        ax.bar(np.arange(len(tasks)) + i * width, row.values, width, label=label(m, p))
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.set_title(TITLES[protocol], fontsize=11)
+    ax.legend(fontsize=8, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cost(summary: dict, protocol: str, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(k, v) for k, v in summary.items() if v.get("relative_inference_cost") and v["average"] == v["average"]]
+    if not pts:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
+    for k, v in pts:
+        m, p = k.split(":")
+        ax.scatter(v["relative_inference_cost"], v["average"])
+        ax.annotate(label(m, p), (v["relative_inference_cost"], v["average"]), fontsize=8,
+                    xytext=(4, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("inference time per input relative to zero-shot (log scale)")
+    ax.set_ylabel("average test accuracy (%)")
+    ax.set_title(f"{protocol}: accuracy vs inference cost", fontsize=11)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(records: list[dict], out: Path, cfg, ws) -> dict:
+    df = pd.DataFrame.from_records(records, columns=["protocol", "method", "prediction", "task", "seed", "metric",
+                                                     "value"])
+    df.to_csv(out / "results.csv", index=False)
+    parts, summary = [f"# Benchmark `{out}`", "",
+                      f"Seeds {cfg.seeds}; mean ± sd over seeds (paired: every method sees the same data and seed); "
+                      f"per-sample methods at rank {cfg.rank or 'full'}, {cfg.epochs} epochs with val selection; "
+                      f"`(MC)`: Monte-Carlo posterior-predictive average of {cfg.eval_samples} draws, otherwise one "
+                      f"composed model per input (or per task). Inference cost: time per test input relative to "
+                      f"zero-shot on the same machine. Names and units: docs/glossary.md.", ""], {}
+    for protocol in dict.fromkeys(df.protocol):
+        table, summary[protocol] = protocol_table(df, protocol)
+        parts += [f"## {TITLES[protocol]}", "", table]
+        plot_accuracy(df, protocol, out / f"accuracy_{protocol}.png")
+        plot_cost(summary[protocol], protocol, out / f"cost_{protocol}.png")
+        parts += [f"![accuracy per task]({'accuracy_' + protocol}.png)", ""]
+    (out / "table.md").write_text("\n".join(parts))
+    return {"summary": summary, "markdown": "\n".join(parts)}

@@ -1,0 +1,91 @@
+"""Run the benchmark's cells (cached), then write results.json, results.csv, table.md and plots."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from pyro_tvc.experiments.config import BenchmarkConfig
+from pyro_tvc.methods import get_method
+from pyro_tvc.protocols import get_protocol
+from pyro_tvc.protocols.addition import ALL_TASKS
+from pyro_tvc.runs import jsonable, package_versions, git_commit
+from pyro_tvc.runtime import command_line, progress, read_json, resolve_device, write_json
+
+
+def plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
+    """Every (protocol, method, target, seed) cell, after checking targets and pools against the artefacts.
+
+    Raises:
+        ValueError: an unknown target, a target without a prepared head, a negation target without a vector.
+    """
+    cells = []
+    for protocol in cfg.protocols:
+        module = get_protocol(protocol)
+        if protocol == "addition":
+            targets = [ALL_TASKS]
+            module.tasks_for(ws, cfg.pool)
+        else:
+            targets = cfg.targets or list(ws.with_heads if protocol == "target" else ws.with_vectors)
+            for t in targets:
+                if t not in ws.with_heads:
+                    raise ValueError(f"unknown target {t!r}: no prepared head in {ws.paths.root}; prepared: "
+                                     f"{', '.join(ws.with_heads)}")
+                if protocol == "negation" and t not in ws.with_vectors:
+                    raise ValueError(f"negation target {t!r} has no prepared task vector in {ws.paths.root}")
+        for p in cfg.pool or []:
+            if p not in ws.with_vectors:
+                raise ValueError(f"--pool task {p!r} has no prepared task vector; prepared: "
+                                 f"{', '.join(ws.with_vectors)}")
+        for seed in cfg.seeds:
+            for target in targets:
+                for method in cfg.methods_for(protocol):
+                    if module.applicable(ws, get_method(method), target):
+                        cells.append((protocol, method, target, seed))
+    return cells
+
+
+def cell_key(cfg: BenchmarkConfig, ws, cell: tuple) -> str:
+    protocol, method, target, seed = cell
+    spec = {"cell": list(cell), "method_config": jsonable(cfg.method_config()), "shots": cfg.shots,
+            "pool": cfg.pool, "negation_control": cfg.negation_control, "selection": cfg.selection_per_task,
+            "theta0": ws.theta0_sha256, "version": 1}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{protocol}-{method}-{target}-s{seed}-{digest}"
+
+
+def run_benchmark(cfg: BenchmarkConfig) -> dict:
+    """Run (or resume) the benchmark into ``cfg.out``; returns ``{"records": [...], "tables": {...}}``."""
+    from pyro_tvc.experiments.report import write_reports
+    from pyro_tvc.protocols.workspace import Workspace
+    from pyro_tvc.runs import prepare_run_folder
+
+    device = resolve_device(cfg.device)
+    ws = Workspace(cfg.artifacts, device, quiet=cfg.quiet)
+    cells = plan(cfg, ws)  # every check before anything is written
+    out = Path(cfg.out)
+    if cfg.resume and not (out / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)  # resuming a run that died before its config: start it
+    else:
+        out = prepare_run_folder(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    write_json(out / "config.json", jsonable(cfg) | {"device": str(device), "theta0_sha256": ws.theta0_sha256,
+                                                     "versions": package_versions(), "git_commit": git_commit(),
+                                                     "command": command_line(), "cells": len(cells)})
+    (out / "cells").mkdir(exist_ok=True)
+    records, t0 = [], time.perf_counter()
+    bar = progress(cells, quiet=cfg.quiet, desc="benchmark cells")
+    for cell in bar:
+        path = out / "cells" / f"{cell_key(cfg, ws, cell)}.json"
+        if path.is_file():
+            records += read_json(path)["records"]
+            continue
+        bar.set_postfix_str("/".join(map(str, cell)), refresh=True)
+        protocol, method, target, seed = cell
+        rows = get_protocol(protocol).run(ws, get_method(method), target, seed, cfg)
+        write_json(path, {"cell": list(cell), "records": rows})
+        records += rows
+    tables = write_reports(records, out, cfg, ws)
+    write_json(out / "results.json", {"config": jsonable(cfg), "seconds": time.perf_counter() - t0,
+                                      "records": records, "summary": tables["summary"]})
+    return {"records": records, "tables": tables, "out": out}
