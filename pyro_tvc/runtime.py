@@ -6,6 +6,7 @@ import os
 import random
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +37,77 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+class OutputError(ValueError):
+    """An output file or folder cannot be written (permissions, read-only or full disk, a file in the way)."""
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set and return it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _output_error(path: Path, err: OSError) -> OutputError:
+    reason = err.strerror or type(err).__name__
+    return OutputError(f"cannot write {path}: {reason} (choose another output folder, or free space)")
+
+
+@contextmanager
+def atomic_output(path: Path):
+    """Yield a temporary path beside ``path``; on success give it the umask's mode and rename it over ``path``.
+
+    A crash or an error never leaves half a file: the temporary file is removed. ``tempfile.mkstemp`` creates
+    files with mode 0600, so the mode is set explicitly to ``0o666 & ~umask``, like any other file the user writes.
+
+    Raises:
+        OutputError: the folder cannot be created or written (the message names the path and the reason).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _output_error(path, err) from err
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise _output_error(path, err) from err
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable_folder(folder: Path, option: str = "--out") -> None:
+    """Create ``folder`` if needed and prove a file can be written there, before any work starts.
+
+    Raises:
+        OutputError: naming ``option``, the folder and the reason.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".pyro-tvc-probe.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise OutputError(f"{option} {folder}: not a writable folder ({err.strerror or type(err).__name__})") from err
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) through :func:`atomic_output`."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, obj) -> None:

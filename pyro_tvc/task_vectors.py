@@ -8,8 +8,7 @@ whose keys, shapes, dtypes, backbones or theta_0 differ.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -25,13 +24,20 @@ class TaskVectorError(ValueError):
     """Task vectors (or checkpoints) that cannot be combined or loaded; the message says which key and why."""
 
 
+class NonFiniteError(TaskVectorError):
+    """Weights with NaN or infinite values; the message names the task and the blocks."""
+
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")
+
+
 def state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """Content hash over sorted names, dtypes, shapes and bytes (independent of dict order and device)."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim: logit_scale
     return h.hexdigest()
 
 
@@ -48,17 +54,44 @@ def check_compatible(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write through :func:`pyro_tvc.runtime.atomic_output`: never half a file, mode from the umask.
+
+    Raises:
+        OutputError: the file cannot be written (a ``ValueError``; names the path and the reason).
+    """
+    from pyro_tvc.runtime import atomic_output
+
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def nonfinite_blocks(params: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity, in ``params``' order."""
+    return [k for k, v in params.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def check_finite(params: Mapping[str, torch.Tensor], what: str) -> None:
+    """Refuse NaN/inf weights: in a bank they poison every composed output, even with coefficient 0 (0 * NaN).
+
+    Raises:
+        NonFiniteError: naming ``what`` and the first blocks affected.
+    """
+    bad = nonfinite_blocks(params)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise NonFiniteError(f"{what} has NaN/inf values in {len(bad)} block(s): {', '.join(bad[:5])}{more}")
+
+
+def check_task_name(task: str) -> str:
+    """A task name is also a file name: letters, digits, ``_``, ``-``, ``.``; not starting with ``.``.
+
+    Raises:
+        TaskVectorError: naming the bad name and the rule.
+    """
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise TaskVectorError(f"task name {task!r}: use letters, digits, '_', '-' or '.', not starting with '.' "
+                              f"(at most 100 characters)")
+    return task
 
 
 @dataclass(frozen=True)
@@ -73,6 +106,8 @@ class TaskVector:
                          task: str = "", backbone: str = "") -> "TaskVector":
         """``finetuned - pretrained`` over floating-point tensors; both must have the same keys, shapes, dtypes."""
         check_compatible(pretrained, finetuned, "pre-trained and fine-tuned state dicts")
+        check_finite(pretrained, f"the pre-trained state dict (task {task!r})")
+        check_finite(finetuned, f"the fine-tuned state dict of task {task!r}")
         params = {k: (finetuned[k].detach() - pretrained[k].detach()) for k in pretrained
                   if pretrained[k].is_floating_point()}
         meta = {"task": task, "backbone": backbone, "theta0_sha256": state_dict_sha256(pretrained)}
@@ -138,7 +173,9 @@ class TaskVector:
         if meta.get("format") != FORMAT:
             raise TaskVectorError(f"{path}: not a pyro-tvc task vector (format {meta.get('format')!r}, expected {FORMAT!r})")
         meta.pop("format")
-        return cls(load_file(str(path)), meta)
+        params = load_file(str(path))
+        check_finite(params, f"task vector {meta.get('task', path.stem)!r} ({path})")
+        return cls(params, meta)
 
 
 @dataclass(frozen=True)
@@ -155,6 +192,8 @@ class TaskVectorBank:
         if not vectors:
             raise TaskVectorError("a bank needs at least one task vector")
         first = vectors[0]
+        for v in vectors:
+            check_finite(v.params, f"task vector {v.task!r}")
         for v in vectors[1:]:
             check_compatible(first.params, v.params, f"task vectors {first.task!r} and {v.task!r}")
             for key in ("backbone", "theta0_sha256"):
@@ -193,44 +232,12 @@ class TaskVectorBank:
         return TaskVector({k: v[i] for k, v in self.stacked.items()}, {**self.meta, "task": task})
 
 
-# --- checkpoint import ------------------------------------------------------------------------------------------
+# --- kept for callers of the former location (cli._cmd_import); the readers live in pyro_tvc.checkpoints ---------
 
-def load_checkpoint(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Load a state dict from the formats users have.
+def __getattr__(name: str):
+    if name in ("load_checkpoint", "image_encoder_state"):
+        from pyro_tvc import checkpoints
 
-    * ``.safetensors`` files;
-    * plain ``torch.save``'d state dicts, and open_clip training checkpoints (``{"state_dict": ..., "epoch": ...}``,
-      keys possibly prefixed ``module.``), read with ``weights_only=True``;
-    * whole pickled modules (as the task_vectors repository ships its fine-tuned encoders) only when
-      ``allow_pickle=True``, because unpickling runs arbitrary code.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises several types for "needs unpickling"
-        if not allow_pickle:
-            raise TaskVectorError(
-                f"{path}: not loadable with weights_only=True (probably a whole pickled module). Unpickling runs "
-                f"code from the file; if you trust it, pass allow_pickle=True (CLI: --allow-pickle).") from err
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TaskVectorError(f"{path}: expected a state dict of tensors, got {type(obj).__name__}")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def image_encoder_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the image tower of a CLIP state dict (``visual.*``, prefix stripped); other dicts pass through."""
-    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
-    if visual:
-        return visual
-    # task_vectors' ImageEncoder wraps open_clip's model as ``model.visual``
-    visual = {k.removeprefix("model.visual."): v for k, v in state.items() if k.startswith("model.visual.")}
-    return visual or dict(state)
+        return {"load_checkpoint": checkpoints.load_state_dict,
+                "image_encoder_state": checkpoints.image_encoder_state}[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,9 +21,27 @@ from torch.func import functional_call, vmap
 
 from pyro_tvc.compose.components import ComponentLayout
 from pyro_tvc.compose.layers import Composed, patched_forwards
-from pyro_tvc.task_vectors import TaskVectorBank, TaskVectorError
+from pyro_tvc.task_vectors import NonFiniteError, TaskVectorBank, TaskVectorError
 
 METHODS = ("naive", "reference", "fast")
+
+
+def _check_bank_finite(bank: TaskVectorBank) -> None:
+    """Refuse NaN/inf in the bank: ``0 * NaN = NaN`` poisons every output, even of tasks with zero coefficients.
+
+    Raises:
+        NonFiniteError: naming the first task affected and its blocks.
+    """
+    bad: dict[str, list[str]] = {}
+    for b in bank.block_names:
+        finite = torch.isfinite(bank.stacked[b].reshape(bank.num_tasks, -1)).all(dim=1)
+        for t in torch.nonzero(~finite).flatten().tolist():
+            bad.setdefault(bank.task_names[t], []).append(b)
+    if bad:
+        task, blocks = next(iter(bad.items()))
+        others = f"; also tasks {sorted(set(bad) - {task})}" if len(bad) > 1 else ""
+        raise NonFiniteError(f"cannot compose: task vector {task!r} has NaN/inf values in {len(blocks)} block(s): "
+                             f"{', '.join(blocks[:5])}{others}")
 
 
 class Composer(nn.Module):
@@ -54,6 +72,7 @@ class Composer(nn.Module):
             if tuple(bank.stacked[b].shape[1:]) != tuple(named[b].shape):
                 raise TaskVectorError(f"block {b!r}: task vectors have shape {tuple(bank.stacked[b].shape[1:])}, "
                                       f"module has {tuple(named[b].shape)}")
+        _check_bank_finite(bank)
         param = next(module.parameters())
         self.module = module.requires_grad_(False)
         self.method = method
