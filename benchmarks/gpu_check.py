@@ -9,7 +9,7 @@ Sections of the JSON (written after each section, so a run cut short still leave
 * ``kernel_correctness``: the fused kernel vs an explicit per-sample ``F.linear`` (fp32, no TF32) on a ViT-B/32 MLP
   shape, outputs and gradients (x, coefficients); and the whole encoder, fused vs the PyTorch fast path;
 * ``kernel_sweep``: one MLP layer (N = 64, L = 50, 768 -> 3072, C = 8): plain ``F.linear``, weight space (PyTorch),
-  fused with 1, 2, 4 samples per program; forward and forward+backward;
+  fused with 1, 2, 4 samples per program, and with tf32 / ieee dot precision; forward and forward+backward;
 * ``dispatch``: the dispatcher's choice, predicted and measured times for every linear shape of ViT-B/32;
 * ``compose``: plain / naive / reference / fast (PyTorch) / fused / low rank r = 4, 16 on ViT-B/32 (random weights),
   T = 8, batch 64 and 256: forward and forward+backward ms (median), peak memory (``torch.cuda.max_memory_allocated``
@@ -107,9 +107,12 @@ def kernel_sweep(device, repeats: int) -> list[dict]:
     coef = torch.randn(n, C, device=device)
     variants = {"plain": lambda q, xx: F.linear(xx, w0),
                 "weight_space": lambda q, xx: layers._weight_space(xx, w0, comps, q, None)}
-    for s in (1, 2, 4):
+    # Samples per program (component tiles shared by that many samples) at the default precision (tf32x3 unless
+    # TF32 is allowed), then the other tl.dot precisions at the default tiles.
+    for s, precision in ((1, None), (2, None), (4, None), (DEFAULT_BLOCKS[0], "tf32"), (DEFAULT_BLOCKS[0], "ieee")):
         blocks = (s,) + DEFAULT_BLOCKS[1:]
-        variants[f"fused_s{s}"] = lambda q, xx, b=blocks: fused_composed_linear(xx, w0, comps, q, blocks=b)
+        variants[f"fused_s{s}" + (f"_{precision}" if precision else "")] = (
+            lambda q, xx, b=blocks, p=precision: fused_composed_linear(xx, w0, comps, q, blocks=b, precision=p))
     records = []
     for name, fn in variants.items():
         def fwd():

@@ -144,8 +144,9 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     tl = triton.language
     kernels = [(triton_linear._composed_matmul_kernel, {"HAS_BIAS": True}),
                (triton_linear._coef_grad_kernel, {})]
-    for fn, extra in kernels:
-        consts = {**extra, "ACC": tl.float32, "PRECISION": "tf32", "SAMPLES": 2, "BLOCK_L": 64, "BLOCK_R": 64, "BLOCK_K": 32}
+    for (fn, extra), precision in zip(kernels, ("tf32x3", "tf32")):  # the default without and with TF32
+        consts = {**extra, "ACC": tl.float32, "PRECISION": precision, "SAMPLES": 2,
+                  "BLOCK_L": 64, "BLOCK_R": 64, "BLOCK_K": 32}
         names = inspect.getfullargspec(fn).args
         signature = {n: "constexpr" if n in consts else ("*fp32" if n.endswith("_ptr") else "i32") for n in names}
         source = ASTSource(triton.jit(fn), signature, constexprs={(names.index(k),): v for k, v in consts.items()})

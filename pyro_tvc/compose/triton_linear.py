@@ -147,14 +147,19 @@ def _kernels(interpret: bool):
     return triton.jit(_composed_matmul_kernel), triton.jit(_coef_grad_kernel)
 
 
-def _acc_and_precision(dtype: torch.dtype):
+def _acc_and_precision(dtype: torch.dtype, precision: str | None):
+    """Accumulator type and ``tl.dot`` input precision. float32 follows torch's switch: TF32 where torch allows it,
+    else ``tf32x3`` (three TF32 products, about float32 accuracy on the tensor cores; ``ieee`` would run the dot on
+    the CUDA cores, far slower than cuBLAS's SGEMM)."""
     if dtype == torch.float64:
         return tl.float64, "ieee"
-    # Follow torch's own switch so that fused and PyTorch paths round alike (TF32 only where torch allows it).
-    return tl.float32, "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    if precision is None:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return tl.float32, precision
 
 
-def _launch_matmul(a, w0, comps, coef, bias, transpose_w: bool, blocks, interpret: bool) -> torch.Tensor:
+def _launch_matmul(a, w0, comps, coef, bias, transpose_w: bool, blocks, interpret: bool,
+                   precision: str | None = None) -> torch.Tensor:
     """``a [N, L, K]`` times per-sample ``W_i^T`` (``W_i [R, K]``; with ``transpose_w`` ``W_i^T [R, K]``) -> ``[N, L, R]``."""
     n, L, K = a.shape
     C = comps.shape[0]
@@ -166,7 +171,7 @@ def _launch_matmul(a, w0, comps, coef, bias, transpose_w: bool, blocks, interpre
         s_wr, s_wk, s_cr, s_ck = s_wk, s_wr, s_ck, s_cr
     out = torch.empty(n, L, R, device=a.device, dtype=a.dtype)
     gs, bl, br, bk = blocks
-    acc, precision = _acc_and_precision(a.dtype)
+    acc, precision = _acc_and_precision(a.dtype, precision)
     matmul, _ = _kernels(interpret)
     bias_arg = bias if bias is not None else out  # never read when HAS_BIAS is False
     s_bn, s_br = bias.stride() if bias is not None else (0, 0)
@@ -177,14 +182,14 @@ def _launch_matmul(a, w0, comps, coef, bias, transpose_w: bool, blocks, interpre
     return out
 
 
-def _launch_coef_grad(dy, x, comps, blocks, interpret: bool) -> torch.Tensor:
+def _launch_coef_grad(dy, x, comps, blocks, interpret: bool, precision: str | None = None) -> torch.Tensor:
     """``dy [N, L, out]``, ``x [N, L, in]``, ``comps [C, out, in]`` -> ``[N, C]`` (accumulated in float32/64)."""
     n, L, R = dy.shape
     K = x.shape[2]
     C = comps.shape[0]
     gs, bl, br, bk = blocks
     grid = (triton.cdiv(n, gs), triton.cdiv(R, br), triton.cdiv(K, bk))
-    acc, precision = _acc_and_precision(dy.dtype)
+    acc, precision = _acc_and_precision(dy.dtype, precision)
     part_dtype = torch.float64 if dy.dtype == torch.float64 else torch.float32
     part = torch.empty(n, grid[1] * grid[2], C, device=dy.device, dtype=part_dtype)
     _, coef_grad = _kernels(interpret)
@@ -199,27 +204,27 @@ class FusedComposedLinear(torch.autograd.Function):
     are frozen). Saves only ``x`` and ``coef`` besides the frozen weights: no per-sample weight, ever."""
 
     @staticmethod
-    def forward(ctx, x3, w0, comps, coef, bias, blocks, interpret):
+    def forward(ctx, x3, w0, comps, coef, bias, blocks, interpret, precision):
         ctx.save_for_backward(x3, w0, comps, coef)
-        ctx.blocks, ctx.interpret = blocks, interpret
-        return _launch_matmul(x3, w0, comps, coef, bias, False, blocks, interpret)
+        ctx.blocks, ctx.interpret, ctx.precision = blocks, interpret, precision
+        return _launch_matmul(x3, w0, comps, coef, bias, False, blocks, interpret, precision)
 
     @staticmethod
     def backward(ctx, dy):
         x3, w0, comps, coef = ctx.saved_tensors
         dx = dcoef = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = _launch_matmul(dy, w0, comps, coef, None, True, ctx.blocks, ctx.interpret)
+            dx = _launch_matmul(dy, w0, comps, coef, None, True, ctx.blocks, ctx.interpret, ctx.precision)
         if ctx.needs_input_grad[3]:
-            dcoef = _launch_coef_grad(dy, x3, comps, ctx.blocks, ctx.interpret).to(coef.dtype)
+            dcoef = _launch_coef_grad(dy, x3, comps, ctx.blocks, ctx.interpret, ctx.precision).to(coef.dtype)
         if ctx.needs_input_grad[4]:
             dbias = dy.sum(1)
-        return dx, None, None, dcoef, dbias, None, None
+        return dx, None, None, dcoef, dbias, None, None, None
 
 
 def fused_composed_linear(x3: torch.Tensor, w0: torch.Tensor, comps: torch.Tensor, coef: torch.Tensor,
                           bias: torch.Tensor | None = None, *, blocks: tuple[int, int, int, int] | None = None,
-                          interpret: bool = False) -> torch.Tensor:
+                          interpret: bool = False, precision: str | None = None) -> torch.Tensor:
     """Per-sample composed linear map, ``W_i`` never in global memory.
 
     Args:
@@ -231,6 +236,8 @@ def fused_composed_linear(x3: torch.Tensor, w0: torch.Tensor, comps: torch.Tenso
         blocks: ``(samples per program, tokens, out, in)`` tile sizes, powers of two (the last three >= 16);
             default :func:`default_blocks`.
         interpret: run through Triton's CPU interpreter (CPU tensors; slow, for tests).
+        precision: ``tl.dot`` input precision for float32 (``tf32``, ``tf32x3``, ``ieee``); default: ``tf32`` where
+            ``torch.backends.cuda.matmul.allow_tf32`` is set, else ``tf32x3``.
 
     Returns:
         ``[N, L, out]``: ``y[i] = x3[i] (w0 + sum_c coef[i, c] comps[c])^T + bias[i]``.
@@ -258,7 +265,9 @@ def fused_composed_linear(x3: torch.Tensor, w0: torch.Tensor, comps: torch.Tenso
     if (len(blocks) != 4 or any(b < 1 or b & (b - 1) for b in blocks) or min(blocks[1:]) < 16):
         raise ValueError(f"fused_composed_linear: blocks must be four powers of two (samples, tokens, out, in), "
                          f"the last three >= 16; got {blocks}")
-    return FusedComposedLinear.apply(x3, w0, comps, coef, bias, blocks, interpret)
+    if precision not in (None, "tf32", "tf32x3", "ieee"):
+        raise ValueError(f"fused_composed_linear: precision must be tf32, tf32x3 or ieee, got {precision!r}")
+    return FusedComposedLinear.apply(x3, w0, comps, coef, bias, blocks, interpret, precision)
 
 
 def default_blocks(tokens: int) -> tuple[int, int, int, int]:
