@@ -2,10 +2,14 @@
 
 Layout of an artefact folder (default ``artifacts/<model>``)::
 
-    clip.safetensors              theta_0: the whole CLIP (metadata: model, open_clip version, sha256 of image tower)
-    heads/<task>.safetensors      frozen zero-shot head (weight [C, D]; metadata: classes, logit_scale)
-    task_vectors/<task>.safetensors   one task vector per task (metadata: task, backbone, theta0_sha256)
-    table.json, table.md          zero-shot and fine-tuned test accuracy per task
+    clip.safetensors              theta_0: the whole CLIP (metadata: model, open_clip version, sha256 of image tower
+                                  and of the whole model, recipe)
+    heads/<task>.safetensors      frozen zero-shot head (weight [C, D]; metadata: classes, logit_scale, recipe)
+    task_vectors/<task>.safetensors   one task vector per task (metadata: task, backbone, theta0_sha256, recipe)
+    table.json, table.md          zero-shot and fine-tuned test accuracy per task (each row keyed by its recipe)
+
+Every file records the recipe that made it (:mod:`pyro_tvc.recipes`); ``prepare`` reuses a file only when the
+recipe it would use now is the same.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pyro_tvc.backbones import ZeroShotHead, create_clip, image_encoder
+from pyro_tvc.recipes import RECIPE_KEY, canonical_json
 from pyro_tvc.task_vectors import TaskVector, TaskVectorBank, atomic_save_safetensors, state_dict_sha256
 
 CLIP_FORMAT = "pyro-tvc-clip/1"
@@ -48,13 +53,24 @@ class ArtifactPaths:
         return self.root / "table.md"
 
 
-def save_clip(model: torch.nn.Module, model_name: str, path: Path) -> str:
-    """Save a CLIP state dict; returns the sha256 of its image tower (the theta_0 of every task vector)."""
+def save_clip(model: torch.nn.Module, model_name: str, path: Path, recipe: dict | None = None) -> str:
+    """Save a CLIP state dict; returns the sha256 of its image tower (the theta_0 of every task vector).
+
+    Metadata: model name, open_clip version, ``theta0_sha256`` (image tower), ``clip_sha256`` (whole model, the
+    key of the zero-shot heads) and the ``recipe`` that made it (:mod:`pyro_tvc.recipes`).
+    """
     theta0_sha = state_dict_sha256(image_encoder(model).state_dict())
     meta = {"format": CLIP_FORMAT, "model": model_name, "open_clip_version": open_clip.__version__,
-            "theta0_sha256": theta0_sha}
+            "theta0_sha256": theta0_sha, "clip_sha256": state_dict_sha256(model.state_dict())}
+    if recipe is not None:
+        meta[RECIPE_KEY] = canonical_json(recipe)
     atomic_save_safetensors(model.state_dict(), path, meta)
     return theta0_sha
+
+
+def clip_metadata(path: Path) -> dict[str, str]:
+    """The manifest of a saved CLIP (without loading its tensors)."""
+    return _checked_metadata(path, CLIP_FORMAT, "CLIP")
 
 
 def _checked_metadata(path: Path, expected_format: str, kind: str) -> dict[str, str]:
@@ -80,9 +96,15 @@ def load_clip(path: Path, device="cpu") -> tuple[torch.nn.Module, str]:
     return model.to(device).eval(), meta["model"]
 
 
-def save_head(head: ZeroShotHead, classes: list[str], path: Path) -> None:
-    atomic_save_safetensors({"weight": head.weight}, path, {"format": HEAD_FORMAT, "classes": json.dumps(classes),
-                                                            "logit_scale": repr(head.logit_scale)})
+def save_head(head: ZeroShotHead, classes: list[str], path: Path, recipe: dict | None = None) -> None:
+    meta = {"format": HEAD_FORMAT, "classes": json.dumps(classes), "logit_scale": repr(head.logit_scale)}
+    if recipe is not None:
+        meta[RECIPE_KEY] = canonical_json(recipe)
+    atomic_save_safetensors({"weight": head.weight}, path, meta)
+
+
+def head_metadata(path: Path) -> dict[str, str]:
+    return _checked_metadata(path, HEAD_FORMAT, "head")
 
 
 def load_head(path: Path, device="cpu") -> tuple[ZeroShotHead, list[str]]:
@@ -92,7 +114,17 @@ def load_head(path: Path, device="cpu") -> tuple[ZeroShotHead, list[str]]:
 
 
 def load_bank(paths: ArtifactPaths, tasks: list[str], theta0_sha256: str | None = None) -> TaskVectorBank:
-    """Stack the task vectors of ``tasks``; refuses vectors built on another theta_0."""
+    """Stack the task vectors of ``tasks``; refuses unknown tasks, non-finite vectors and another theta_0.
+
+    Raises:
+        FileNotFoundError: a task has no vector in ``paths`` (names it and the prepared tasks).
+        TaskVectorError: NaN/inf values (naming task and blocks), mixed backbones or theta_0.
+    """
+    available = prepared_tasks(paths)
+    unknown = [t for t in tasks if t not in available]
+    if unknown:
+        raise FileNotFoundError(f"no task vector for {unknown} in {paths.root / 'task_vectors'}; prepared tasks: "
+                                f"{available} (run `pyro-tvc prepare --tasks ...` or `pyro-tvc import-vector`)")
     vectors = [TaskVector.load(paths.task_vector(t)) for t in tasks]
     if theta0_sha256 is not None:
         for v in vectors:

@@ -5,11 +5,13 @@ every task's training split, short enough to stay *broad but weak* (docs/embedde
 then each task gets a zero-shot head from its class names and prompt templates, and the image encoder is
 fine-tuned on the task with that head frozen (the task_vectors / aTLAS protocol). With ``--pretrained FILE`` the
 pre-training is skipped and theta_0 is the given checkpoint (e.g. ViT-B-32 with ``--data-root``).
-Every stage is cached: a re-run skips finished parts (a file exists and matches theta_0's hash).
+Every stage is cached and keyed to what made it (:mod:`pyro_tvc.recipes`): a re-run reuses a file only when its
+recorded recipe equals the one it would use now, and says what changed otherwise.
 """
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,17 +20,46 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from pyro_tvc.artifacts import ArtifactPaths, load_clip, load_head, save_clip, save_head
+from pyro_tvc.artifacts import (ArtifactPaths, clip_metadata, head_metadata, load_clip, load_head, save_clip,
+                                save_head)
+from pyro_tvc.checkpoints import file_sha256
 from pyro_tvc.backbones import TINY_MODEL, ZeroShotHead, create_clip, image_encoder, tokenizer_for, zero_shot_head
-from pyro_tvc.data import EMBEDDED_TASKS, TaskSplits, dataset_labels, infinite_batches, load_task
+from pyro_tvc.data import EMBEDDED_TASKS, REAL_TASKS, TaskSplits, dataset_labels, infinite_batches, load_task
 from pyro_tvc.data.prompts import templates_for
 from pyro_tvc.evaluation import accuracy
-from pyro_tvc.runtime import progress, resolve_device, seed_everything, write_json, read_json
+from pyro_tvc.recipes import (RECIPE_KEY, canonical_json, describe_change, embedded_data_sha256, model_config_sha256,
+                              real_data_identity, recipe_sha256, same_recipe, stored_recipe)
+from pyro_tvc.reporting import markdown_table
+from pyro_tvc.runtime import (atomic_write_text, check_writable_folder, progress, read_json, resolve_device,
+                              seed_everything, write_json)
 from pyro_tvc.task_vectors import TaskVector, state_dict_sha256
 
 
 @dataclass
 class PrepareConfig:
+    """Configuration of ``pyro-tvc prepare`` (every field is a command-line option ``--field-name``).
+
+    Args:
+        out: Artefact folder (theta_0, heads, task vectors, table); created if missing, must be writable.
+        model: open_clip model name (``pyro-tvc-tiny`` is pre-trained locally; others need ``pretrained``).
+        pretrained: Local CLIP checkpoint for ``model`` (state dict, open_clip checkpoint, safetensors or OpenAI
+            TorchScript file); skips pre-training.
+        data_root: Folder of real data sets (torchvision layout); default: the embedded sets.
+        tasks: Tasks to prepare (embedded names, or real ones with ``data_root``), without repeats.
+        pretrain_steps: Contrastive pre-training steps of the tiny theta_0 (>= 1).
+        pretrain_lr: Peak learning rate of pre-training, in (0, 1].
+        pretrain_fraction: Share of every training split used for pre-training, in (0, 1].
+        finetune_steps: Fine-tuning steps per task (>= 1).
+        finetune_lr: Peak learning rate of fine-tuning, in (0, 1].
+        batch_size: Fine-tuning batch size (>= 1).
+        max_train: Cap on training images per embedded task (>= 1; fast mode); None keeps all.
+        seed: Random seed, in [0, 2**32).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``.
+        quiet: No progress bars.
+        rebuild: Replace a theta_0 in ``out`` that was made from other inputs (and everything built on it)
+            instead of refusing.
+    """
+
     out: Path = Path("artifacts") / TINY_MODEL
     model: str = TINY_MODEL
     pretrained: Path | None = None
@@ -44,6 +75,53 @@ class PrepareConfig:
     seed: int = 0
     device: str = "auto"
     quiet: bool = False
+    rebuild: bool = False
+
+    def validate(self) -> None:
+        """Check every field before any work.
+
+        Raises:
+            ValueError: a value out of range, an unknown model or task, repeated tasks (one line naming the option).
+            FileNotFoundError: ``pretrained`` or ``data_root`` missing.
+        """
+        def whole(name: str, low: int, high: int | None = None, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value >= high):
+                bound = f"an integer >= {low}" + (f" and < {high}" if high else "")
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected {bound}")
+
+        def fraction(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected a number in (0, 1]")
+
+        for name in ("pretrain_steps", "finetune_steps", "batch_size"):
+            whole(name, 1)
+        whole("max_train", 1, optional=True)
+        whole("seed", 0, 2**32)
+        for name in ("pretrain_lr", "finetune_lr", "pretrain_fraction"):
+            fraction(name)
+        if self.model not in open_clip.list_models():
+            raise ValueError(f"--model {self.model!r}: unknown open_clip model (e.g. {TINY_MODEL}, ViT-B-32, ViT-B-16)")
+        if self.pretrained is not None and not Path(self.pretrained).is_file():
+            raise FileNotFoundError(f"--pretrained {self.pretrained}: no such file (pyro-tvc loads local weights only)")
+        if self.data_root is not None and not Path(self.data_root).is_dir():
+            raise FileNotFoundError(f"--data-root {self.data_root}: no such folder")
+        self._validate_tasks()
+
+    def _validate_tasks(self) -> None:
+        known = list(REAL_TASKS) if self.data_root is not None else list(EMBEDDED_TASKS)
+        if not self.tasks:
+            raise ValueError(f"--tasks: expected at least one task of {known}")
+        repeated = sorted({t for t in self.tasks if list(self.tasks).count(t) > 1})
+        if repeated:
+            raise ValueError(f"--tasks: {repeated} given more than once")
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            where = "real tasks under --data-root" if self.data_root is not None else "embedded tasks"
+            raise ValueError(f"--tasks: unknown {unknown}; {where} are: {', '.join(known)}")
 
 
 # --- pre-training (embedded default only) -----------------------------------------------------------------------
@@ -117,6 +195,41 @@ def finetune_encoder(encoder: torch.nn.Module, head: ZeroShotHead, splits: TaskS
     return finetuned
 
 
+# --- recipes: what every artefact depends on (pyro_tvc.recipes) --------------------------------------------------
+
+def theta0_recipe(cfg: PrepareConfig) -> dict:
+    """Inputs of theta_0: the architecture and the checkpoint file, or the pre-training data and settings."""
+    recipe = {"model": cfg.model, "model_config_sha256": model_config_sha256(cfg.model)}
+    if cfg.pretrained is not None:
+        return {**recipe, "pretrained_sha256": file_sha256(cfg.pretrained)}
+    return {**recipe, "pretrain_tasks": list(cfg.tasks),
+            "pretrain_data_sha256": [embedded_data_sha256(t) for t in cfg.tasks],
+            "max_train": cfg.max_train, "pretrain_steps": cfg.pretrain_steps, "pretrain_lr": cfg.pretrain_lr,
+            "pretrain_fraction": cfg.pretrain_fraction, "seed": cfg.seed}
+
+
+def head_recipe(clip_sha: str, task: str, classes: list[str]) -> dict:
+    return {"clip_sha256": clip_sha, "task": task, "classes_sha256": recipe_sha256(classes),
+            "templates_sha256": recipe_sha256(list(templates_for(task)))}
+
+
+def vector_recipe(cfg: PrepareConfig, theta0_sha: str, head: dict, task: str, splits: TaskSplits) -> dict:
+    if cfg.data_root is None:
+        data = {"embedded_sha256": embedded_data_sha256(task), "max_train": cfg.max_train}
+    else:
+        data = real_data_identity(cfg.data_root, task, splits.classes,
+                                  {k: len(getattr(splits, k)) for k in ("train", "val", "test")})
+    return {"theta0_sha256": theta0_sha, "head_sha256": recipe_sha256(head), "task": task, "data": data,
+            "finetune_steps": cfg.finetune_steps, "finetune_lr": cfg.finetune_lr, "batch_size": cfg.batch_size,
+            "seed": cfg.seed}
+
+
+def _note(message: str, notes: list[str]) -> None:
+    """Cache decisions are printed even with --quiet: a rebuilt or refused artefact must never be silent."""
+    notes.append(message)
+    print(f"prepare: {message}", file=sys.stderr)
+
+
 # --- the whole pipeline -----------------------------------------------------------------------------------------
 
 def _load_splits(cfg: PrepareConfig, transform) -> dict[str, TaskSplits]:
@@ -124,35 +237,77 @@ def _load_splits(cfg: PrepareConfig, transform) -> dict[str, TaskSplits]:
     return {t: load_task(t, cfg.data_root, transform, **kw) for t in cfg.tasks}
 
 
-def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretraining) -> torch.nn.Module:
+def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretraining,
+            notes: list[str]) -> torch.nn.Module:
+    recipe = theta0_recipe(cfg)
     if paths.clip.exists():
-        model, name = load_clip(paths.clip, device)
-        if name != cfg.model:
-            raise ValueError(f"{paths.clip} holds {name!r}, not {cfg.model!r}: use another --out")
-        return model
+        meta = clip_metadata(paths.clip)
+        if same_recipe(meta, recipe):
+            return load_clip(paths.clip, device)[0]
+        change = describe_change(meta, recipe)
+        if not cfg.rebuild:
+            raise ValueError(f"{paths.clip}: theta_0 there was made from other inputs ({change}); pass --rebuild to "
+                             f"replace it and everything built on it, or choose another --out")
+        _note(f"rebuilding theta_0 ({change})", notes)
     if cfg.pretrained is None and cfg.model != TINY_MODEL:
         raise ValueError(f"--model {cfg.model} needs --pretrained FILE (only {TINY_MODEL} is pre-trained locally)")
     torch.manual_seed(cfg.seed)
-    # open_clip's own loader reads state dicts, its training checkpoints, safetensors and OpenAI's TorchScript files.
     model = create_clip(cfg.model, pretrained=cfg.pretrained, device=str(device))
     if cfg.pretrained is None:
         pretrain_clip(model, splits_for_pretraining(), cfg, device)
-    save_clip(model, cfg.model, paths.clip)
+    save_clip(model, cfg.model, paths.clip, recipe)
     return model.eval()
 
 
+def _head(cfg, paths, model, clip_sha, task, s: TaskSplits, device, notes) -> tuple[ZeroShotHead, dict]:
+    recipe = head_recipe(clip_sha, task, s.classes)
+    if paths.head(task).exists():
+        meta = head_metadata(paths.head(task))
+        if same_recipe(meta, recipe):
+            return load_head(paths.head(task), device)[0], recipe
+        _note(f"rebuilding the zero-shot head of {task!r} ({describe_change(meta, recipe)})", notes)
+    head = zero_shot_head(model, tokenizer_for(cfg.model), s.classes, task)
+    save_head(head, s.classes, paths.head(task), recipe)
+    return head, recipe
+
+
+def _vector(cfg, paths, encoder, theta0, theta0_sha, head, recipe, task, s, device, notes) -> TaskVector:
+    path = paths.task_vector(task)
+    if path.exists():
+        old = TaskVector.load(path)
+        if same_recipe(old.meta, recipe):
+            return old
+        if stored_recipe(old.meta) == {"kind": "import"} and old.meta.get("theta0_sha256") == theta0_sha:
+            _note(f"keeping the imported task vector of {task!r} (import-vector); delete it to fine-tune here", notes)
+            return old
+        _note(f"rebuilding the task vector of {task!r} ({describe_change(old.meta, recipe)})", notes)
+    finetuned = finetune_encoder(encoder, head, s, cfg, device)
+    vector = TaskVector.from_state_dicts(theta0, finetuned, task=task, backbone=cfg.model)
+    vector = TaskVector(vector.params, {**vector.meta, RECIPE_KEY: canonical_json(recipe)})
+    vector.save(path)
+    return vector
+
+
 def run_prepare(cfg: PrepareConfig) -> dict:
-    """Build (or reuse) every artefact and return the accuracy table."""
-    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
-        raise FileNotFoundError(f"--pretrained {cfg.pretrained}: no such file (pyro-tvc loads local weights only)")
-    if cfg.data_root is not None and not Path(cfg.data_root).is_dir():
-        raise FileNotFoundError(f"--data-root {cfg.data_root}: no such folder")
-    if cfg.data_root is not None and cfg.pretrained is None and not ArtifactPaths(Path(cfg.out)).clip.exists():
+    """Build (or reuse) every artefact and return the accuracy table.
+
+    Every argument is validated and the output folder proven writable before any work. An artefact is reused only
+    when the recipe recorded in it equals the one this run would use; otherwise heads, vectors and table rows are
+    rebuilt, and theta_0 is refused unless ``cfg.rebuild`` (each decision printed to stderr and listed in the
+    table's ``notes``).
+
+    Raises:
+        ValueError / FileNotFoundError: bad configuration, unwritable ``out``, a stale theta_0 without ``rebuild``.
+    """
+    cfg.validate()
+    paths = ArtifactPaths(Path(cfg.out))
+    if cfg.data_root is not None and cfg.pretrained is None and not paths.clip.exists():
         raise ValueError("pre-training theta_0 uses the embedded sets; with --data-root pass --pretrained FILE")
     device = resolve_device(cfg.device)
+    check_writable_folder(paths.root)
     seed_everything(cfg.seed)
-    paths = ArtifactPaths(Path(cfg.out))
     t_start = time.perf_counter()
+    notes: list[str] = []
     splits_cache: dict[str, TaskSplits] = {}
     transform: list = [None]  # set once theta_0 exists (real data sets need the model's preprocessing)
 
@@ -161,51 +316,47 @@ def run_prepare(cfg: PrepareConfig) -> dict:
             splits_cache.update(_load_splits(cfg, transform[0]))
         return splits_cache
 
-    model = _theta0(cfg, paths, device, splits)
+    model = _theta0(cfg, paths, device, splits, notes)
     encoder = image_encoder(model)
     if cfg.data_root is not None:
         transform[0] = open_clip.image_transform(encoder.image_size, is_train=False)
     theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     theta0_sha = state_dict_sha256(theta0)
-    tokenizer = tokenizer_for(cfg.model)
+    clip_sha = clip_metadata(paths.clip).get("clip_sha256") or state_dict_sha256(model.state_dict())
     previous = read_json(paths.table_json) if paths.table_json.exists() else {}
-    rows = {r["task"]: r for r in previous.get("rows", []) if previous.get("theta0_sha256") == theta0_sha}
+    rows = {r["task"]: r for r in previous.get("rows", []) if isinstance(r, dict) and "task" in r}
     for task in progress(cfg.tasks, cfg.quiet, desc="tasks"):
         s = splits()[task]
-        if paths.head(task).exists():
-            head, _ = load_head(paths.head(task), device)
-        else:
-            head = zero_shot_head(model, tokenizer, s.classes, task)
-            save_head(head, s.classes, paths.head(task))
-        vec_path = paths.task_vector(task)
-        vector = TaskVector.load(vec_path) if vec_path.exists() else None
-        if vector is None or vector.meta.get("theta0_sha256") != theta0_sha:
-            finetuned = finetune_encoder(encoder, head, s, cfg, device)
-            vector = TaskVector.from_state_dicts(theta0, finetuned, task=task, backbone=cfg.model)
-            vector.save(vec_path)
-            rows.pop(task, None)
-        if task not in rows:
-            zs = accuracy(encoder, head, s.test, device=device)
-            encoder.load_state_dict(vector.apply_to(theta0))
-            ft = accuracy(encoder, head, s.test, device=device)
-            encoder.load_state_dict(theta0)
-            chance = 100.0 * float((dataset_labels(s.test)[:, None] == range(s.num_classes)).mean(0).max())
-            rows[task] = {"task": task, "classes": s.num_classes, "chance": round(100.0 / s.num_classes, 2),
-                          "majority": round(chance, 2), "zero_shot": round(zs, 2), "fine_tuned": round(ft, 2)}
+        head, h_recipe = _head(cfg, paths, model, clip_sha, task, s, device, notes)
+        recipe = vector_recipe(cfg, theta0_sha, h_recipe, task, s)
+        vector = _vector(cfg, paths, encoder, theta0, theta0_sha, head, recipe, task, s, device, notes)
+        row_key = recipe_sha256({"vector": vector.meta.get(RECIPE_KEY), "source": vector.meta.get("source_sha256"),
+                                 "theta0_sha256": theta0_sha, "head": h_recipe})
+        if rows.get(task, {}).get("recipe_sha256") != row_key:
+            rows[task] = _evaluate(encoder, head, vector, theta0, s, device) | {"recipe_sha256": row_key}
     ordered = [rows[t] for t in cfg.tasks]
     table = {
         "model": cfg.model, "theta0_sha256": theta0_sha, "config": {k: str(v) for k, v in asdict(cfg).items()},
         "rows": ordered,
         "average": {k: round(sum(r[k] for r in ordered) / len(ordered), 2)
                     for k in ("chance", "zero_shot", "fine_tuned")},
+        "notes": notes,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json(paths.table_json, table)
-    from pyro_tvc.reporting import markdown_table
-
-    paths.table_md.parent.mkdir(parents=True, exist_ok=True)
-    paths.table_md.write_text(markdown_table(
+    atomic_write_text(paths.table_md, markdown_table(
         ["task", "classes", "chance", "zero_shot", "fine_tuned"],
         ordered + [{"task": "**average**", "classes": "", **table["average"]}],
         title=f"Test top-1 accuracy (%) of theta_0 ({cfg.model}) and fine-tuned encoders"))
     return table
+
+
+def _evaluate(encoder, head, vector: TaskVector, theta0, s: TaskSplits, device) -> dict:
+    """Zero-shot and fine-tuned test accuracy of one task (the encoder is left at theta_0)."""
+    zs = accuracy(encoder, head, s.test, device=device)
+    encoder.load_state_dict(vector.apply_to(theta0))
+    ft = accuracy(encoder, head, s.test, device=device)
+    encoder.load_state_dict(theta0)
+    majority = 100.0 * float((dataset_labels(s.test)[:, None] == range(s.num_classes)).mean(0).max())
+    return {"task": s.name, "classes": s.num_classes, "chance": round(100.0 / s.num_classes, 2),
+            "majority": round(majority, 2), "zero_shot": round(zs, 2), "fine_tuned": round(ft, 2)}

@@ -56,7 +56,7 @@ def current_umask() -> int:
 
 
 def _output_error(path: Path, err: OSError) -> OutputError:
-    reason = err.strerror or type(err).__name__
+    reason = err.strerror or str(err) or type(err).__name__
     return OutputError(f"cannot write {path}: {reason} (choose another output folder, or free space)")
 
 

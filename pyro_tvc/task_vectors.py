@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 FORMAT = "pyro-tvc-task-vector/1"
 
@@ -62,7 +62,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
     from pyro_tvc.runtime import atomic_output
 
     with atomic_output(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        except SafetensorError as err:
+            # safetensors reports I/O failures (a full disk) as its own error type: hand the reason to atomic_output
+            raise OSError(str(err).split("I/O error: ")[-1]) from err
 
 
 def nonfinite_blocks(params: Mapping[str, torch.Tensor]) -> list[str]:
