@@ -68,7 +68,8 @@ def test_gradcheck_float64():
 
 
 def test_strided_weights_and_several_token_tiles():
-    """A transposed base weight (as the ViT projection passes it), transposed components, and 40 tokens (3 tiles)."""
+    """A transposed base weight (as the ViT projection passes it), transposed components, 40 tokens (3 tiles), and
+    a stride-0 output gradient."""
     x, w0, comps, coef, _ = problem(2, 40, 18, 17, 2, torch.float64, seed=2)
     w0_t = w0.T.contiguous().T  # same values, column-major
     comps_t = comps.transpose(1, 2).contiguous().transpose(1, 2)
@@ -77,7 +78,10 @@ def test_strided_weights_and_several_token_tiles():
     ref = naive(x, w0, comps, coef, None)
     torch.testing.assert_close(y, ref)
     dy = torch.randn_like(ref)
-    torch.testing.assert_close(torch.autograd.grad(y, (x, coef), dy), torch.autograd.grad(ref, (x, coef), dy))
+    torch.testing.assert_close(torch.autograd.grad(y, (x, coef), dy, retain_graph=True),
+                               torch.autograd.grad(ref, (x, coef), dy, retain_graph=True))
+    # y.sum() hands backward an expanded gradient (all strides 0)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), (x, coef)), torch.autograd.grad(ref.sum(), (x, coef)))
 
 
 def test_composer_routes_linear_layers_through_the_kernel(monkeypatch):
