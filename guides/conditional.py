@@ -123,6 +123,17 @@ class ConditionalGuide(nn.Module):
             keep = reliable | (~pruned & keep)
         return torch.where(keep, loc, torch.zeros_like(loc)).unflatten(-1, (self.num_tasks, self.num_blocks))
 
+    def posterior(self, features: torch.Tensor) -> SpikeAndSlab:
+        """The prediction distribution ``p(lambda | x)`` (what Predictive draws without labels), ``[N]`` x ``[K]``."""
+        return SpikeAndSlab(*self.prior_params(features), estimator=self.estimator, temperature=self.temperature)
+
+    def sampling_distribution(self, features: torch.Tensor) -> SpikeAndSlab:
+        """:meth:`posterior`, gated when the gate acts."""
+        if self.gate is None or not self.gate.gate_in_training:
+            return self.posterior(features)
+        return GatedSpikeAndSlab(*self.prior_params(features), self.gate, estimator=self.estimator,
+                                 temperature=self.temperature)
+
     @torch.no_grad()
     def kl_per_input(self, features, labels, likelihood) -> torch.Tensor:
         """``KL(q(lambda | x, y) || p(lambda | x))`` in nats, ``[N]``: how much the label moves the posterior."""

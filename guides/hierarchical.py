@@ -90,6 +90,15 @@ class HierarchicalGuide(nn.Module):
         return GatedSpikeAndSlab(*self.global_params(), self.gate, estimator=self.estimator,
                                  temperature=self.temperature)
 
+    def posterior(self, features: torch.Tensor) -> "ComposedCoefficients":
+        """The implied posterior of ``lambda_i`` (draws only: ``.sample(shape) -> [*shape, N, K]``), ungated."""
+        return ComposedCoefficients(self.global_posterior(), dist.Normal(*self.deviation_params(features)))
+
+    def sampling_distribution(self, features: torch.Tensor) -> "ComposedCoefficients":
+        """As :meth:`posterior`, with the gate on ``q(Lambda)`` when it acts in training."""
+        return ComposedCoefficients(self._global_sampling_distribution(),
+                                    dist.Normal(*self.deviation_params(features)))
+
     # --- Pyro ---------------------------------------------------------------------------------------------------
     def forward(self, inputs, features, labels=None, *, likelihood=None, num_data: int, indices=None, prior=None,
                 kl_weight: float = 1.0):
@@ -128,3 +137,16 @@ class HierarchicalGuide(nn.Module):
         global_point = torch.where(keep, loc, torch.zeros_like(loc))
         lam = compose_coefficients(global_point, self.deviation_params(features)[0])
         return lam.unflatten(-1, (self.num_tasks, self.num_blocks))
+
+
+class ComposedCoefficients:
+    """Draws of ``lambda_i = Lambda + 1[Lambda != 0] delta_i`` for every input (for diagnostics; no density)."""
+
+    def __init__(self, global_dist, deviation_dist):
+        self.global_dist, self.deviation_dist = global_dist, deviation_dist
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """``[*sample_shape, N, K]``."""
+        shape = torch.Size(sample_shape)
+        global_coef = self.global_dist.sample(shape).unsqueeze(-2)
+        return compose_coefficients(global_coef, self.deviation_dist.sample(shape))

@@ -5,6 +5,7 @@ Generative story (Bayesian core v2, issue 11; DESIGN.md section 1), for a data s
     Lambda   ~ SpikeAndSlab(pi, 0, slab_scale)              [K = T * B], one draw for the whole data set
     delta_i  ~ Normal(0, s^2)                               [K] per input, s > 0 per task or per block
     lambda_i = Lambda + 1[Lambda != 0] * delta_i            exact zeros where the task-level spike is off
+                                                            (deterministic site ``coef``)
     y_i      ~ likelihood(x_i, lambda_i)
 
 ``Lambda`` sits outside the data plate: its KL is paid once per data set, so every label informs it and its
@@ -29,7 +30,9 @@ from pyro_tvc.models.distributions import SpikeAndSlab
 from pyro_tvc.models.vtvc import COEF_SITE, PriorConfig, _observe
 
 GLOBAL_SITE = "global_coef"
-DEVIATION_SITE = COEF_SITE  # the per-input latent keeps the site name every per-input guide uses
+DEVIATION_SITE = "deviation"
+# The composed lambda_i is recorded as a deterministic site under the name every per-input model uses, so
+# Predictive and the diagnostics (prior draws, ArviZ export) see the coefficients, not the deviations.
 DEVIATION_SCALE_PARAM = "hierarchical_deviation_scale"
 DEVIATION_GROUPINGS = ("task", "block")
 
@@ -82,4 +85,5 @@ def hierarchical_model(inputs: torch.Tensor, features: torch.Tensor, labels: tor
         with poutine.scale(scale=kl_weight):
             delta = pyro.sample(DEVIATION_SITE, dist.Normal(zeros, s).to_event(1).expand([n]))
         lam = compose_coefficients(global_coef, delta)
+        pyro.deterministic(COEF_SITE, lam, event_dim=1)
         _observe(likelihood, inputs, lam.reshape(*lam.shape[:-1], T, B), labels)
