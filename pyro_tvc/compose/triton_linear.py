@@ -4,10 +4,10 @@ For sample i with tokens ``x_i [L, in]`` the composed layer is ``y_i = x_i W_i^T
 ``W_i = W_0 + sum_c coef[i, c] comps[c]`` (DESIGN.md section 3; VTVC's per-sample composition, Zhang et al., NeurIPS
 2025). The PyTorch weight-space path (:mod:`pyro_tvc.compose.layers`) writes every ``W_i [out, in]`` to memory and
 reads it back, so it is bound by memory bandwidth (docs/compose.md: 3.2x plain on ViT-B/32 for 1.14x the FLOPs).
-Here each program loads a tile of ``W_0`` and of the C components, composes the tile of ``W_i`` in registers and
-feeds it straight into ``tl.dot``, in the spirit of the per-sample (segmented) GEMMs of LoRA serving (Punica's SGMV,
-S-LoRA): programs of neighbouring samples run side by side on the same weight tile, so the components are read from
-HBM about once per layer and served from L2 to the other samples.
+Here each program loads a tile of ``W_0`` and of the C components once, composes the ``W_i`` tiles of a small group
+of samples in registers and feeds them straight into a batched ``tl.dot``, in the spirit of the per-sample (segmented)
+GEMMs of LoRA serving (Punica's SGMV, S-LoRA): programs of neighbouring sample groups run side by side on the same
+weight tile, so the components are read from HBM about once per layer and served from L2 to the other groups.
 
 Backward (the base weight and the components are frozen):
 
@@ -245,6 +245,8 @@ def fused_composed_linear(x3: torch.Tensor, w0: torch.Tensor, comps: torch.Tenso
     Raises:
         ValueError: shapes disagree, a tensor is on the wrong device, or the frozen weights require grad.
     """
+    if triton is None:
+        raise RuntimeError("fused_composed_linear needs Triton (it ships with CUDA builds of torch)")
     n, L, k = x3.shape
     if w0.ndim != 2 or comps.ndim != 3 or tuple(comps.shape[1:]) != tuple(w0.shape) or w0.shape[1] != k:
         raise ValueError(f"fused_composed_linear: expected x3 [N, L, in], w0 [out, in], comps [C, out, in]; got "
