@@ -203,7 +203,10 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
             raise CheckpointError(f"{path}: a TorchScript archive that torch.jit.load cannot read: "
                                   f"{_first_line(err)}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about pickle protocols other than 2 (it reads them); not a user's concern
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # holds objects beyond tensors and containers: try the restricted unpickler
     except Exception as err:  # noqa: BLE001 - zip reader and pickle raise RuntimeError/EOFError/... on bad bytes
