@@ -222,7 +222,8 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
             f"pyro-tvc knows, and rebuilding it would run code from the file. Convert the file to a state dict "
             f"(torch.save(model.state_dict(), ...)) or, if you trust it, pass --allow-pickle") from err
     except Exception as err:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable checkpoint: {_first_line(err)}") from err
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated download or not a torch/safetensors "
+                              f"file): {_first_line(err)}") from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -167,7 +167,7 @@ def test_output_folder_blocked_by_a_file(tmp_path):
 
 # --- PrepareConfig: every argument checked before any work --------------------------------------------------------
 
-@pytest.mark.parametrize("change, match", [
+CONFIG_CASES = [
     ({"pretrain_steps": 0}, r"--pretrain-steps 0: expected an integer >= 1"),
     ({"finetune_steps": -5}, r"--finetune-steps -5: expected an integer >= 1"),
     ({"batch_size": 0}, r"--batch-size 0"),
@@ -185,7 +185,11 @@ def test_output_folder_blocked_by_a_file(tmp_path):
     ({"model": "ViT-Nope"}, r"--model 'ViT-Nope': unknown open_clip model"),
     ({"pretrained": "missing.pt"}, r"--pretrained missing.pt: no such file"),
     ({"data_root": "no-data"}, r"--data-root no-data: no such folder"),
-])
+]
+
+
+@pytest.mark.parametrize("change, match", CONFIG_CASES,
+                         ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in CONFIG_CASES])
 def test_prepare_config_out_of_range_refused_before_any_work(tmp_path, change, match):
     out = tmp_path / "art"
     with pytest.raises((ValueError, FileNotFoundError), match=match) as info:
