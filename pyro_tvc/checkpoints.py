@@ -213,7 +213,11 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> Any:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated download or not a torch/safetensors "
                               f"file): {_first_line(err)}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=RESTRICTED_PICKLE)
+        with warnings.catch_warnings():
+            # pre-1.6 files store module sources that torch compares with the (absent) classes: not a concern here
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=RESTRICTED_PICKLE)
     except UnsafeGlobalError as err:
         if allow_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)

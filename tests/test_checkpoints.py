@@ -141,6 +141,14 @@ def test_case1_old_open_clip_visual_transformer_is_read(theta0_clip, artifacts, 
     _assert_vector(out, _expected_vector(theta0_clip, finetuned))
 
 
+def test_case1_pre_1_6_torch_file_of_a_whole_module_is_read(theta0_clip, tmp_path):
+    finetuned = _finetuned(theta0_clip, seed=8)
+    torch.save(finetuned.visual, tmp_path / "old_format.pt", _use_new_zipfile_serialization=False)
+    state = load_state_dict(tmp_path / "old_format.pt")
+    expected = finetuned.visual.state_dict()
+    assert set(state) == set(expected) and all(torch.equal(state[k], v) for k, v in expected.items())
+
+
 class _SystemCall:
     def __init__(self, marker):
         self.marker = marker
