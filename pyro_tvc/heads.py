@@ -31,13 +31,13 @@ class MultiHead:
         self.names = list(names)
         self.num_classes = [h.weight.shape[0] for h in heads]
         cmax, dim = max(self.num_classes), heads[0].weight.shape[1]
-        weight = torch.zeros(len(heads), cmax, dim, device=heads[0].weight.device)
+        weight = torch.zeros(len(heads), cmax, dim, device=heads[0].weight.device, dtype=heads[0].weight.dtype)
         valid = torch.zeros(len(heads), cmax, dtype=torch.bool, device=weight.device)
         for t, h in enumerate(heads):
             weight[t, :h.weight.shape[0]] = h.weight
             valid[t, :h.weight.shape[0]] = True
         self.weight, self.valid = weight, valid
-        self.scale = torch.tensor([h.logit_scale for h in heads], device=weight.device)
+        self.scale = torch.tensor([h.logit_scale for h in heads], device=weight.device, dtype=weight.dtype)
         self._task_ids: torch.Tensor | None = None
 
     def to(self, device) -> "MultiHead":

@@ -34,6 +34,7 @@ class BenchmarkConfig:
         rank: rank of the per-sample methods' low-rank composition (None: full rank).
         lr: learning rate of the per-sample methods.
         eval_samples: posterior draws of the Monte-Carlo predictions.
+        adamerging_steps: AdaMerging's test-time steps (paper: 500).
         negation_control: control task of negation (must keep >= 95 % of its zero-shot accuracy).
         selection_per_task: held-out train inputs per task for model selection in addition and negation.
         full: the committed benchmark: every protocol, method and target with 3 seeds (overrides the lists).
@@ -56,6 +57,7 @@ class BenchmarkConfig:
     rank: int | None = 16
     lr: float = 1e-2
     eval_samples: int = 16
+    adamerging_steps: int = 500
     negation_control: str = "cifar10"
     selection_per_task: int = 200
     full: bool = False
@@ -89,6 +91,7 @@ class BenchmarkConfig:
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         for name, value in (("epochs", self.epochs), ("eval_samples", self.eval_samples),
+                            ("adamerging_steps", self.adamerging_steps),
                             ("selection_per_task", self.selection_per_task)):
             if value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -102,7 +105,7 @@ class BenchmarkConfig:
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(epochs=self.epochs, lr=self.lr, rank=self.rank, eval_samples=self.eval_samples,
-                            max_train=self.max_train)
+                            max_train=self.max_train, adamerging_steps=self.adamerging_steps)
 
     def methods_for(self, protocol: str) -> list[str]:
         names = method_names(protocol)

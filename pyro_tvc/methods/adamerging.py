@@ -35,7 +35,7 @@ def fit(ctx: MethodContext) -> FitResult:
     with Timer() as timer:
         composer = Composer(ctx.encoder, ctx.bank)
         coef = torch.full(composer.coefficient_shape, ctx.cfg.adamerging_init, device=ctx.device,
-                          requires_grad=True)
+                          dtype=ctx.dtype, requires_grad=True)
         optim = torch.optim.Adam([coef], lr=ctx.cfg.adamerging_lr)
         gen = torch.Generator().manual_seed(ctx.seed)
         trace = []

@@ -64,7 +64,7 @@ def train_coefficients(ctx: MethodContext, composer: Composer, init: torch.Tenso
 def fit(ctx: MethodContext) -> FitResult:
     with Timer() as timer:
         composer = Composer(ctx.encoder, ctx.bank)
-        init = torch.zeros(composer.coefficient_shape, device=ctx.device)
+        init = torch.zeros(composer.coefficient_shape, device=ctx.device, dtype=ctx.dtype)
         coef, history = train_coefficients(
             ctx, composer, init,
             lambda c, b: objective_loss(ctx, merged_logits(composer, ctx, c, b), b.labels, b.task_ids),

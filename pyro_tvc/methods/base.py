@@ -102,6 +102,10 @@ class MethodContext:
     def device(self) -> torch.device:
         return self.learn.labels.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.encoder.parameters()).dtype
+
 
 @dataclass
 class FitResult:

@@ -19,13 +19,14 @@ class FinetunedPredictor(Predictor):
 
     @torch.no_grad()
     def probs(self, data: TaskData) -> torch.Tensor:
-        out = torch.full((len(data), self.heads.weight.shape[1]), float("nan"), device=data.labels.device)
+        out = torch.full((len(data), self.heads.weight.shape[1]), float("nan"), device=data.labels.device,
+                         dtype=self.heads.weight.dtype)
         T, B = self.composer.coefficient_shape
         for t, name in enumerate(self.heads.names):
             rows = torch.nonzero(data.task_ids == t).squeeze(-1)
             if name not in self.own or not len(rows):
                 continue
-            coef = torch.zeros(T, B, device=out.device)
+            coef = torch.zeros(T, B, device=out.device, dtype=next(self.composer.module.parameters()).dtype)
             coef[self.own.index(name)] = 1.0
             out[rows] = ComposedPredictor(self.composer, self.heads, coef).probs(data.subset(rows))
         return out

@@ -19,7 +19,7 @@ def scale_grid(ctx: MethodContext) -> list[float]:
 def fit(ctx: MethodContext) -> FitResult:
     with Timer() as timer:
         composer = Composer(ctx.encoder, ctx.bank)
-        ones = torch.ones(composer.coefficient_shape, device=ctx.device)
+        ones = torch.ones(composer.coefficient_shape, device=ctx.device, dtype=ctx.dtype)
         scale, pred, curve = select_on_grid(ctx, scale_grid(ctx),
                                             lambda s: ComposedPredictor(composer, ctx.heads, s * ones,
                                                                         report_zeros=False))

@@ -52,7 +52,7 @@ def ties_merge(bank: TaskVectorBank, k_percent: float = 20.0) -> TaskVectorBank:
 def fit(ctx: MethodContext) -> FitResult:
     with Timer() as timer:
         composer = Composer(ctx.encoder, ties_merge(ctx.bank, ctx.cfg.ties_k))
-        ones = torch.ones(composer.coefficient_shape, device=ctx.device)
+        ones = torch.ones(composer.coefficient_shape, device=ctx.device, dtype=ctx.dtype)
         grid = NEGATION_GRID if ctx.objective == "negate" else FIT_GRID
         scale, pred, curve = select_on_grid(ctx, grid, lambda s: ComposedPredictor(composer, ctx.heads, s * ones,
                                                                                    report_zeros=False))

@@ -9,7 +9,7 @@ from pyro_tvc.methods.base import ComposedPredictor, FitResult, MethodContext
 
 def fit(ctx: MethodContext) -> FitResult:
     composer = Composer(ctx.encoder, ctx.bank)
-    coef = torch.zeros(composer.coefficient_shape, device=ctx.device)
+    coef = torch.zeros(composer.coefficient_shape, device=ctx.device, dtype=ctx.dtype)
     return FitResult({"single": ComposedPredictor(composer, ctx.heads, coef, report_zeros=False)})
 
 

@@ -1,0 +1,97 @@
+"""`pyro-tvc benchmark` end to end on the small prepared fixture: records, tables, resume, bad input."""
+import json
+
+import pandas as pd
+import pytest
+
+from pyro_tvc.cli import main
+
+QUICK = ["--seeds", "1", "--epochs", "1", "--max-train", "64", "--eval-samples", "2", "--rank", "4",
+         "--adamerging-steps", "3", "--selection-per-task", "32", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def bench(prepared, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    code = main(["benchmark", "--artifacts", str(prepared), "--out", str(out), "--protocols", "target", "addition",
+                 "negation", "--methods", "zero_shot", "finetuned", "task_arithmetic", "ties", "atlas", "adamerging",
+                 "vtvc_gated", "--targets", "digits", *QUICK])
+    assert code == 0
+    return out
+
+
+def test_benchmark_writes_tidy_records_tables_and_plots(bench, prepared):
+    df = pd.read_csv(bench / "results.csv")
+    assert list(df.columns) == ["protocol", "method", "prediction", "task", "seed", "metric", "value"]
+    acc = df[df.metric == "accuracy"]
+    target = acc[acc.protocol == "target"]
+    assert set(target.method) == {"zero_shot", "finetuned", "task_arithmetic", "ties", "atlas", "adamerging",
+                                  "vtvc_gated"}
+    assert set(target[target.method == "vtvc_gated"].prediction) == {"single", "mc"}
+    # zero-shot and fine-tuned target accuracy equal prepare's independent table (same test split, same weights)
+    table = {r["task"]: r for r in json.loads((prepared / "table.json").read_text())["rows"]}
+    zs = target[(target.method == "zero_shot") & (target.task == "digits")].value.item()
+    ft = target[(target.method == "finetuned") & (target.task == "digits")].value.item()
+    assert zs == pytest.approx(table["digits"]["zero_shot"], abs=0.01)
+    assert ft == pytest.approx(table["digits"]["fine_tuned"], abs=0.01)
+    # task addition: every prepared task, normalised = accuracy / fine-tuned accuracy
+    add = df[(df.protocol == "addition") & (df.method == "atlas")]
+    for task, row in table.items():
+        a = add[(add.metric == "accuracy") & (add.task == task)].value.item()
+        n = add[(add.metric == "normalized_accuracy") & (add.task == task)].value.item()
+        assert n == pytest.approx(100 * a / row["fine_tuned"], rel=1e-6)
+    assert set(df[df.protocol == "negation"].metric) >= {"accuracy", "control_accuracy", "control_retained_percent"}
+    assert "adamerging" not in set(df[df.protocol == "negation"].method)  # no negation objective
+    md = (bench / "table.md").read_text()
+    for label in ("Zero-shot", "TIES", "aTLAS", "AdaMerging", "VTVC gated (MC)", "Task addition", "Task negation"):
+        assert label in md
+    assert (bench / "accuracy_target.png").stat().st_size > 0 and (bench / "cost_target.png").exists()
+    cfg = json.loads((bench / "config.json").read_text())
+    assert cfg["seeds"] == [1] and "git_commit" in cfg and (bench / "command.txt").exists()
+
+
+def test_benchmark_resume_reuses_finished_cells(bench, prepared, monkeypatch):
+    import pyro_tvc.methods as methods
+
+    def boom(ctx):
+        raise AssertionError("a cached cell was recomputed")
+
+    for name in ("zero_shot", "atlas", "vtvc_gated"):
+        monkeypatch.setitem(methods._METHODS, name, methods._METHODS[name].__class__(
+            **{**methods._METHODS[name].__dict__, "fit": boom}))
+    before = (bench / "results.csv").read_text()
+    code = main(["benchmark", "--artifacts", str(prepared), "--out", str(bench), "--protocols", "target", "addition",
+                 "negation", "--methods", "zero_shot", "finetuned", "task_arithmetic", "ties", "atlas", "adamerging",
+                 "vtvc_gated", "--targets", "digits", "--resume", *QUICK])
+    assert code == 0
+    assert (bench / "results.csv").read_text() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--protocols", "bogus"], "unknown protocol 'bogus'"),
+    (["--targets", "svhn"], "unknown target 'svhn'"),
+    (["--seeds", "0"], "--seeds must be positive"),
+    (["--seeds", "-2", "1"], "--seeds must be positive"),
+    (["--pool", "svhn"], "--pool task 'svhn'"),
+    (["--protocols", "negation", "--targets", "digits", "--pool", "nope"], "--pool task 'nope'"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+])
+def test_benchmark_bad_input_one_line_exit_2_nothing_written(prepared, tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    code = main(["benchmark", "--artifacts", str(prepared), "--out", str(out), "--quiet", "--device", "cpu", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_negation_target_without_vector_is_refused(prepared, tmp_path, capsys):
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(prepared, art)
+    (art / "task_vectors" / "digits.safetensors").unlink()
+    code = main(["benchmark", "--artifacts", str(art), "--out", str(tmp_path / "o"), "--protocols", "negation",
+                 "--targets", "digits", "--quiet", "--device", "cpu"])
+    assert code == 2 and "has no prepared task vector" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
