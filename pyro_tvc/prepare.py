@@ -197,8 +197,14 @@ def finetune_encoder(encoder: torch.nn.Module, head: ZeroShotHead, splits: TaskS
 
 # --- recipes: what every artefact depends on (pyro_tvc.recipes) --------------------------------------------------
 
-def theta0_recipe(cfg: PrepareConfig) -> dict:
-    """Inputs of theta_0: the architecture and the checkpoint file, or the pre-training data and settings."""
+def theta0_recipe(cfg: PrepareConfig) -> dict | None:
+    """Inputs of theta_0: the architecture and the checkpoint file, or the pre-training data and settings.
+
+    None when the configuration does not say how theta_0 is made (no ``pretrained`` and a model that is not
+    pre-trained locally, or real data): then the theta_0 already in ``out`` is used, whatever made it.
+    """
+    if cfg.pretrained is None and (cfg.model != TINY_MODEL or cfg.data_root is not None):
+        return None
     recipe = {"model": cfg.model, "model_config_sha256": model_config_sha256(cfg.model)}
     if cfg.pretrained is not None:
         return {**recipe, "pretrained_sha256": file_sha256(cfg.pretrained)}
@@ -242,15 +248,15 @@ def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretrai
     recipe = theta0_recipe(cfg)
     if paths.clip.exists():
         meta = clip_metadata(paths.clip)
-        if same_recipe(meta, recipe):
+        if recipe is None and meta.get("model") != cfg.model:
+            raise ValueError(f"{paths.clip} holds {meta.get('model')!r}, not {cfg.model!r}: use another --out")
+        if recipe is None or same_recipe(meta, recipe):
             return load_clip(paths.clip, device)[0]
         change = describe_change(meta, recipe)
         if not cfg.rebuild:
             raise ValueError(f"{paths.clip}: theta_0 there was made from other inputs ({change}); pass --rebuild to "
                              f"replace it and everything built on it, or choose another --out")
         _note(f"rebuilding theta_0 ({change})", notes)
-    if cfg.pretrained is None and cfg.model != TINY_MODEL:
-        raise ValueError(f"--model {cfg.model} needs --pretrained FILE (only {TINY_MODEL} is pre-trained locally)")
     torch.manual_seed(cfg.seed)
     model = create_clip(cfg.model, pretrained=cfg.pretrained, device=str(device))
     if cfg.pretrained is None:
@@ -303,6 +309,8 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     paths = ArtifactPaths(Path(cfg.out))
     if cfg.data_root is not None and cfg.pretrained is None and not paths.clip.exists():
         raise ValueError("pre-training theta_0 uses the embedded sets; with --data-root pass --pretrained FILE")
+    if cfg.pretrained is None and cfg.model != TINY_MODEL and not paths.clip.exists():
+        raise ValueError(f"--model {cfg.model} needs --pretrained FILE (only {TINY_MODEL} is pre-trained locally)")
     device = resolve_device(cfg.device)
     check_writable_folder(paths.root)
     seed_everything(cfg.seed)

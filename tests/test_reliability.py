@@ -183,6 +183,7 @@ CONFIG_CASES = [
     ({"tasks": ["mnist", "mnist"]}, r"--tasks: \['mnist'\] given more than once"),
     ({"tasks": ["mnist", "svhn"]}, r"--tasks: unknown \['svhn'\]; embedded tasks are: mnist, "),
     ({"model": "ViT-Nope"}, r"--model 'ViT-Nope': unknown open_clip model"),
+    ({"model": "ViT-B-32"}, r"--model ViT-B-32 needs --pretrained FILE \(only pyro-tvc-tiny is pre-trained locally\)"),
     ({"pretrained": "missing.pt"}, r"--pretrained missing.pt: no such file"),
     ({"data_root": "no-data"}, r"--data-root no-data: no such folder"),
 ]
@@ -287,3 +288,32 @@ def test_imported_vector_is_kept_by_prepare(tmp_path):
     assert table["notes"][0].startswith("keeping the imported task vector of 'digits'")
     tv = TaskVector.load(ArtifactPaths(out).task_vector("digits"))
     assert torch.allclose(tv.params["proj"], torch.ones_like(tv.params["proj"]))
+
+
+def _image_folder(root, per_class):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, colour in (("beach", 200), ("forest", 40)):
+        (root / "resisc45" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = np.clip(rng.normal(colour, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / "resisc45" / c / f"{i}.png")
+
+
+def test_case7_real_data_keys_and_theta0_reuse_without_pretrained(tmp_path):
+    a = _checkpoint(tmp_path / "A.pt", 0)
+    out, data = tmp_path / "art", tmp_path / "data"
+    _image_folder(data, 10)
+    real = dict(out=out, data_root=data, tasks=["RESISC45"], finetune_steps=2, batch_size=8, quiet=True, device="cpu")
+    run_prepare(PrepareConfig(pretrained=a, **real))
+    assert run_prepare(PrepareConfig(**real))["notes"] == []  # no --pretrained: the theta_0 in --out is used
+    _image_folder(data, 15)  # the data set grew: the vector made from the old one is stale
+    notes = run_prepare(PrepareConfig(**real))["notes"]
+    assert len(notes) == 1 and notes[0].startswith("rebuilding the task vector of 'RESISC45' (data {")
+    with pytest.raises(ValueError, match=r"holds 'pyro-tvc-tiny', not 'ViT-B-32': use another --out"):
+        run_prepare(PrepareConfig(**(real | {"model": "ViT-B-32"})))
+    with pytest.raises(ValueError, match=r"pass --pretrained FILE"):
+        run_prepare(PrepareConfig(**(real | {"model": "ViT-B-32", "out": tmp_path / "new"})))
+    assert not (tmp_path / "new").exists()
