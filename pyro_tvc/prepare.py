@@ -239,8 +239,21 @@ def _note(message: str, notes: list[str]) -> None:
 # --- the whole pipeline -----------------------------------------------------------------------------------------
 
 def _load_splits(cfg: PrepareConfig, transform) -> dict[str, TaskSplits]:
+    """Every task's splits; an empty train or test split is refused (fine-tuning would loop on no batches).
+
+    Raises:
+        ValueError: naming the task, the split and the sizes found.
+    """
     kw = {} if cfg.data_root else {"max_train": cfg.max_train}
-    return {t: load_task(t, cfg.data_root, transform, **kw) for t in cfg.tasks}
+    splits = {t: load_task(t, cfg.data_root, transform, **kw) for t in cfg.tasks}
+    for task, s in splits.items():
+        sizes = {k: len(getattr(s, k)) for k in ("train", "val", "test")}
+        empty = [k for k in ("train", "test") if sizes[k] == 0]
+        if empty or not s.classes:
+            where = f" under {cfg.data_root}" if cfg.data_root is not None else ""
+            raise ValueError(f"task {task!r}{where}: empty {' and '.join(empty) or 'class list'} split (sizes {sizes}, "
+                             f"{len(s.classes)} classes); it needs images in every split (about 5+ per class)")
+    return splits
 
 
 def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretraining,

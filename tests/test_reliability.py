@@ -317,3 +317,12 @@ def test_case7_real_data_keys_and_theta0_reuse_without_pretrained(tmp_path):
     with pytest.raises(ValueError, match=r"pass --pretrained FILE"):
         run_prepare(PrepareConfig(**(real | {"model": "ViT-B-32", "out": tmp_path / "new"})))
     assert not (tmp_path / "new").exists()
+
+
+def test_empty_split_is_refused_naming_task_and_split(tmp_path):
+    a = _checkpoint(tmp_path / "A.pt", 0)
+    _image_folder(tmp_path / "data", 2)  # 4 images: the 80/20 split leaves no test image
+    with pytest.raises(ValueError, match=r"task 'RESISC45' under .*data: empty test split \(sizes \{'train': 2, "
+                                         r"'val': 2, 'test': 0\}, 2 classes\)"):
+        run_prepare(PrepareConfig(out=tmp_path / "art", pretrained=a, data_root=tmp_path / "data", tasks=["RESISC45"],
+                                  finetune_steps=2, batch_size=8, quiet=True, device="cpu"))
