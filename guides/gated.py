@@ -20,8 +20,10 @@ hard gate gives one model per input with exact zeros (:meth:`GatedSpikeSlabGuide
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+import tyro
 
 from pyro_tvc.guides.amortized import AmortizedSpikeSlabGuide
 from pyro_tvc.models.distributions import SpikeAndSlab
@@ -29,10 +31,19 @@ from pyro_tvc.models.distributions import SpikeAndSlab
 
 @dataclass
 class GateConfig:
+    """Thresholds of the importance/reliability gate (docs/inference.md).
+
+    Args:
+        importance_min: A coefficient is pruned (exactly 0) when gamma * |mu| is below this.
+        inclusion_min: Reliable needs inclusion probability gamma >= this.
+        cv_max: Reliable needs a coefficient of variation sigma / |mu| <= this.
+    """
+
     importance_min: float = 0.01
     inclusion_min: float = 0.9
     cv_max: float = 0.25
-    gate_in_training: bool = True
+    # Switched off by infer.ungated for the unbiased estimator; not a user option.
+    gate_in_training: Annotated[bool, tyro.conf.Suppress] = True
 
 
 def gate_masks(logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, cfg: GateConfig):

@@ -114,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     debug = "--debug" in rest
     try:
+        from pyro_tvc.runs import set_command
+
+        set_command(["pyro-tvc", name, *rest])
         rest, debug, config = _split_global(rest)
         cfg = _parse(COMMANDS[name], rest, config)
         return COMMANDS[name].run(cfg)

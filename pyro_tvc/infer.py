@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -410,6 +412,7 @@ def fit(problem: Problem, checkpoint_dir: Path | None = None, resume: bool = Fal
     bar = progress(total=steps, initial=first_epoch * steps_per_epoch, quiet=cfg.quiet,
                    desc=f"SVI {cfg.guide} on {cfg.target}")
     stale = 0
+    kill_at = int(os.environ.get("PYRO_TVC_TEST_KILL_AT_STEP", "0"))  # crash-safety tests only (tests/test_runs.py)
     for epoch in range(first_epoch, cfg.epochs):
         for idx in batches(n_train, cfg.batch_size, gen, problem.splits["train"][2].device):
             x, f, y = _tensors(problem, "train", idx)
@@ -421,6 +424,8 @@ def fit(problem: Problem, checkpoint_dir: Path | None = None, resume: bool = Fal
                 raise NonFiniteLossError(f"non-finite loss at step {len(history) + 1} (epoch {epoch + 1}) of "
                                          f"{cfg.guide} on {cfg.target}; {kept}; try a smaller --lr")
             history.append(loss / n_train)
+            if kill_at and len(history) == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             bar.update(1)
             if len(history) % 10 == 0:
                 bar.set_postfix(tempered_loss_per_datum=f"{history[-1]:.3f}", refresh=False)

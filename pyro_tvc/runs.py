@@ -7,6 +7,7 @@ checkpoints. Every command that writes one goes through :func:`prepare_run_folde
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
 import subprocess
 from importlib import metadata
@@ -15,6 +16,18 @@ from pathlib import Path
 from pyro_tvc.runtime import command_line
 
 PACKAGES = ("pyro-tvc", "torch", "pyro-ppl", "open_clip_torch", "arviz", "numpy")
+_COMMAND: list[str] | None = None
+
+
+def set_command(argv: list[str]) -> None:
+    """Record the command as the CLI parsed it (``pyro-tvc NAME ARGS...``), for command.txt and config.json."""
+    global _COMMAND
+    _COMMAND = list(argv)
+
+
+def recorded_command() -> str:
+    """The command that made this run: the CLI's argv when run through it, else the process's argv."""
+    return shlex.join(_COMMAND) if _COMMAND is not None else command_line()
 
 
 def prepare_run_folder(out: Path, overwrite: bool = False, resume: bool = False) -> Path:
@@ -38,7 +51,7 @@ def prepare_run_folder(out: Path, overwrite: bool = False, resume: bool = False)
                              f"it, or choose another --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "command.txt").write_text(command_line() + "\n")
+    (out / "command.txt").write_text(recorded_command() + "\n")
     return out
 
 
@@ -88,5 +101,5 @@ def run_config_record(cfg, problem) -> dict:
                "tasks": list(problem.composer.task_names), "blocks": len(problem.composer.block_names),
                "theta0_sha256": clip_meta.get("theta0_sha256"),
                "checkpoint_final": "final.pt", "versions": package_versions(), "git_commit": git_commit(),
-               "command": command_line()}
+               "command": recorded_command()}
     return record

@@ -53,10 +53,22 @@ def test_corrupted_clip_is_detected(prepared, tmp_path):
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_subcommand_has_help(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
-    assert exit_info.value.code == 0
-    assert "usage: pyro-tvc " + command in capsys.readouterr().out
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: pyro-tvc " + command in out and "default" in out
+
+
+def test_version_and_module_entry_point():
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "pyro_tvc", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == f"pyro-tvc {version('pyro-tvc')}"
+
+
+def test_unknown_command_is_one_line_exit_2(capsys):
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown command 'trian'" in err[0] and "train" in err[0]
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
@@ -104,8 +116,10 @@ def test_train_smoke_writes_run_folder(prepared, trained_run):
     out = trained_run
     results = json.loads((out / "results.json").read_text())
     assert results["tasks"] == ["eurosat5", "mnist"]
-    assert 0.0 <= results["sparsity"] <= 1.0 and results["true_elbo_per_datum"] < 0
+    assert 0.0 <= results["exact_zero_fraction"] <= 1.0 and results["true_elbo_per_datum"] < 0
+    assert results["mc_accuracy_se"] >= 0 and results["selected_epoch"] == 1
     assert (out / "checkpoints" / "epoch1.pt").exists() and (out / "command.txt").exists()
+    assert (out / "checkpoints" / "final.pt").exists()
     from pyro_tvc.infer import load_checkpoint
 
     state = load_checkpoint(out / "checkpoints" / "epoch1.pt")  # weights_only=True

@@ -37,7 +37,8 @@ class BenchmarkConfig:
         adamerging_steps: AdaMerging's test-time steps (paper: 500).
         negation_control: control task of negation (must keep >= 95 % of its zero-shot accuracy).
         selection_per_task: held-out train inputs per task for model selection in addition and negation.
-        full: the committed benchmark: every protocol, method and target with 3 seeds (overrides the lists).
+        full: the committed benchmark: every protocol, method and target with 3 seeds (overrides the lists;
+            writes to results/ unless --out is given).
         resume: continue an interrupted run in ``out`` (finished cells are reused).
         overwrite: replace an existing ``out``.
         device: auto (CUDA when present), cpu or cuda[:i].
@@ -72,6 +73,8 @@ class BenchmarkConfig:
         if self.full:
             self.protocols, self.methods, self.targets = list(FULL_PROTOCOLS), None, None
             self.seeds = [1, 2, 3]
+            if self.out == Path("runs") / "benchmark":
+                self.out = Path("results")  # the committed results (README)
         if not self.protocols:
             raise ValueError("--protocols is empty; accepted: " + ", ".join(PROTOCOLS))
         for p in self.protocols:

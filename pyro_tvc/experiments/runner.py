@@ -10,8 +10,8 @@ from pyro_tvc.experiments.config import BenchmarkConfig
 from pyro_tvc.methods import get_method
 from pyro_tvc.protocols import get_protocol
 from pyro_tvc.protocols.addition import ALL_TASKS
-from pyro_tvc.runs import jsonable, package_versions, git_commit
-from pyro_tvc.runtime import command_line, progress, read_json, resolve_device, write_json
+from pyro_tvc.runs import git_commit, jsonable, package_versions, recorded_command
+from pyro_tvc.runtime import progress, read_json, resolve_device, write_json
 
 
 def plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
@@ -71,7 +71,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         out = prepare_run_folder(out, overwrite=cfg.overwrite, resume=cfg.resume)
     write_json(out / "config.json", jsonable(cfg) | {"device": str(device), "theta0_sha256": ws.theta0_sha256,
                                                      "versions": package_versions(), "git_commit": git_commit(),
-                                                     "command": command_line(), "cells": len(cells)})
+                                                     "command": recorded_command(), "cells": len(cells)})
     (out / "cells").mkdir(exist_ok=True)
     records, t0 = [], time.perf_counter()
     bar = progress(cells, quiet=cfg.quiet, desc="benchmark cells")
