@@ -248,15 +248,21 @@ def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         return {prefix + k: v for k, v in obj.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     attrs = obj.__dict__
-    for name, p in (attrs.get("_parameters") or {}).items():
+
+    def mapping(key: str) -> Mapping:  # the file decides what these attributes hold: trust only real mappings
+        value = attrs.get(key)
+        return value if isinstance(value, Mapping) else {}
+
+    for name, p in mapping("_parameters").items():
         if isinstance(p, torch.Tensor):
-            out[prefix + name] = p.detach()
-    skip = attrs.get("_non_persistent_buffers_set") or set()
-    for name, b in (attrs.get("_buffers") or {}).items():
+            out[f"{prefix}{name}"] = p.detach()
+    skip = attrs.get("_non_persistent_buffers_set")
+    skip = skip if isinstance(skip, (set, frozenset)) else set()
+    for name, b in mapping("_buffers").items():
         if isinstance(b, torch.Tensor) and name not in skip:
-            out[prefix + name] = b.detach()
-    for name, child in (attrs.get("_modules") or {}).items():
-        if _is_module_like(child):
+            out[f"{prefix}{name}"] = b.detach()
+    for name, child in mapping("_modules").items():
+        if _is_module_like(child) and len(prefix) < 1000:  # a self-referencing module tree ends here
             out.update(module_state_dict(child, f"{prefix}{name}."))
     return out
 

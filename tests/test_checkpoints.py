@@ -149,6 +149,32 @@ def test_case1_pre_1_6_torch_file_of_a_whole_module_is_read(theta0_clip, tmp_pat
     assert set(state) == set(expected) and all(torch.equal(state[k], v) for k, v in expected.items())
 
 
+def test_malformed_module_state_in_a_pickle_gives_one_line(tmp_path):
+    """A file decides what a stand-in's attributes hold: a non-mapping ``_buffers`` and a module that contains
+    itself must end in the one-line refusal, not in AttributeError or RecursionError."""
+    _throwaway_package(tmp_path / "pkgs", "src.odd", '''
+        class Weird:
+            pass
+
+        class Net:
+            def __init__(self):
+                self._parameters = {}
+                self._buffers = Weird()
+                self._non_persistent_buffers_set = Weird()
+                self._modules = {"again": self}
+    ''')
+    sys.path.insert(0, str(tmp_path / "pkgs"))
+    try:
+        from src.odd import Net
+
+        torch.save(Net(), tmp_path / "odd.pt")
+    finally:
+        _forget("src", tmp_path / "pkgs")
+    with pytest.raises(CheckpointError, match=r"no state dict found in an object of src.odd.Net") as info:
+        load_state_dict(tmp_path / "odd.pt")
+    assert "\n" not in str(info.value)
+
+
 class _SystemCall:
     def __init__(self, marker):
         self.marker = marker
