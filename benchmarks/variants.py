@@ -60,8 +60,9 @@ def run_one(args, guide_name: str, target: str, seed: int, extra: dict) -> dict:
     seed_everything(seed)
     pyro.clear_param_store()
     cfg = TrainConfig(artifacts=args.artifacts, target=target, out=Path("runs") / f"variants-{guide_name}",
-                      guide=guide_name, epochs=args.epochs, lr=args.lr, rank=args.rank or None,
-                      kl_weight=args.kl_weight, eval_samples=args.eval_samples, seed=seed, quiet=True, device="cpu")
+                      guide=guide_name, tasks=args.tasks, epochs=args.epochs, lr=args.lr, rank=args.rank or None,
+                      kl_weight=args.kl_weight, eval_samples=args.eval_samples, max_train=args.max_train, seed=seed,
+                      quiet=True, device="cpu")
     for name, value in extra.items():
         setattr(cfg, name, value)
     problem = build_problem(cfg)
@@ -98,11 +99,14 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", default=["mnist"])
     parser.add_argument("--guides", nargs="+", default=None, help="registered variants (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--tasks", nargs="+", default=None,
+                        help="task vectors (default: every prepared one but the target)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--kl-weight", type=float, default=None, help="default: each variant's own")
     parser.add_argument("--eval-samples", type=int, default=8)
+    parser.add_argument("--max-train", type=int, default=None, help="subsample the training split (smoke runs)")
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/variants.json"))
