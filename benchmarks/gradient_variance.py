@@ -1,7 +1,7 @@
 """Variance and bias of ELBO-gradient estimators w.r.t. the guide's parameters, gated vs ungated.
 
     python benchmarks/gradient_variance.py --out benchmarks/results/gradient_variance.json
-    python benchmarks/gradient_variance.py --guide conditional_gated --out benchmarks/results/gradient_variance_conditional.json
+    python benchmarks/gradient_variance.py --guide conditional_gated --rank 16 --out OUT.json
 
 A gated guide (``--guide``: any registered variant whose guide has a gate, e.g. ``gated``, ``hierarchical_gated``,
 ``conditional_gated``; trained at the variant's default KL weight unless ``--kl-weight`` is given) is first trained

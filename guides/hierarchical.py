@@ -1,4 +1,4 @@
-"""Guide for the hierarchical model (models/hierarchical.py): mean-field ``q(Lambda)`` times amortized ``q(delta_i | x_i)``.
+"""Guide for the hierarchical model (models/hierarchical.py): mean-field ``q(Lambda)``, amortized ``q(delta_i | x_i)``.
 
     q(Lambda)        = prod_k (1 - gamma_k) delta_0 + gamma_k Normal(mu_k, sigma_k^2)   free parameters per coefficient
     q(delta_i | x_i) = Normal(m(x_i), v(x_i)^2)                                       an inference network
