@@ -3,7 +3,8 @@
 A :class:`TaskVector` is a small immutable algebra (``+``, ``-``, unary ``-``, scalar ``*``) over named tensors;
 a :class:`TaskVectorBank` stacks T task vectors per block (``[T, *shape]``) for the composition engine.
 Both save to safetensors with metadata (format, task, backbone, sha256 of theta_0) and refuse to mix vectors
-whose keys, shapes, dtypes, backbones or theta_0 differ.
+whose keys, shapes, dtypes, backbones or theta_0 differ, and to load or stack vectors holding NaN/inf (naming the
+task and the blocks). Reading users' checkpoints lives in :mod:`pyro_tvc.checkpoints`.
 """
 from __future__ import annotations
 
@@ -234,14 +235,3 @@ class TaskVectorBank:
     def vector(self, task: str) -> TaskVector:
         i = self.task_names.index(task)
         return TaskVector({k: v[i] for k, v in self.stacked.items()}, {**self.meta, "task": task})
-
-
-# --- kept for callers of the former location (cli._cmd_import); the readers live in pyro_tvc.checkpoints ---------
-
-def __getattr__(name: str):
-    if name in ("load_checkpoint", "image_encoder_state"):
-        from pyro_tvc import checkpoints
-
-        return {"load_checkpoint": checkpoints.load_state_dict,
-                "image_encoder_state": checkpoints.image_encoder_state}[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
