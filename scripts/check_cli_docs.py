@@ -38,13 +38,15 @@ def doc_options(markdown: str) -> tuple[set[str], dict[str, set[str]]]:
 
 
 def help_options(text: str) -> set[str]:
-    """Options defined in an argparse/jsonargparse ``--help`` text: the long options at the start of option lines
-    (an indented line starting with ``-``), before the help column (two or more spaces)."""
+    """Options defined in an argparse, jsonargparse or tyro ``--help`` text: the long options of option lines (a
+    line whose first non-blank character, after tyro's box border ``│``, is ``-`` within a few columns), before the
+    help column (two or more spaces). Wrapped description lines are indented further and never read."""
     found = set()
     for line in text.splitlines():
-        if not re.match(r"\s+-", line):
+        inner = line.lstrip()[1:] if line.lstrip().startswith("│") else line
+        if not re.match(r"\s{1,6}-", inner):
             continue
-        spec = re.split(r"\s{2,}", line.strip())[0]
+        spec = re.split(r"\s{2,}", inner.strip().rstrip("│").strip())[0]
         found.update(OPTION.findall(spec))
     return found
 

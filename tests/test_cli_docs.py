@@ -56,6 +56,24 @@ options:
 """
 
 
+TYRO = """usage: pyro-tvc diagnose [-h] [OPTIONS] PATH
+
+╭─ positional arguments ───────────────────────────────────────────╮
+│ PATH                    Run folder written by pyro-tvc train.    │
+╰──────────────────────────────────────────────────────────────────╯
+╭─ options ────────────────────────────────────────────────────────╮
+│ -h, --help              show this help message and exit          │
+│ --num-obs INT           Test inputs exported, refused below 1    │
+│                         --like-this (default: 16)                │
+│ --quiet, --no-quiet     No progress messages. (default: False)   │
+╰──────────────────────────────────────────────────────────────────╯
+"""
+
+
+def test_help_options_reads_tyro_boxes():
+    assert check_cli_docs.help_options(TYRO) == {"--help", "--num-obs", "--quiet", "--no-quiet"}
+
+
 def test_help_options_reads_option_lines_only():
     assert check_cli_docs.help_options(TRAIN) == {"--help", "--target", "--epochs", "--overwrite", "--no-overwrite",
                                                   "--seed", "--device"}  # not --not-an-option, --out (descriptions)
