@@ -36,12 +36,30 @@ class MultiHead:
         for t, h in enumerate(heads):
             weight[t, :h.weight.shape[0]] = h.weight
             valid[t, :h.weight.shape[0]] = True
-        self.weight, self.valid = weight, valid
+        self.stacked_weight, self.valid = weight, valid
         self.scale = torch.tensor([h.logit_scale for h in heads], device=weight.device, dtype=weight.dtype)
         self._task_ids: torch.Tensor | None = None
 
+    @property
+    def num_classes_max(self) -> int:
+        return self.stacked_weight.shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``[C, D]`` class embeddings of the single head (as :class:`ZeroShotHead`); a mixed-task head has no single
+        class-embedding matrix (use :meth:`label_embeddings`)."""
+        if len(self.names) != 1:
+            raise AttributeError("MultiHead of several tasks has no single weight; use label_embeddings(labels)")
+        return self.stacked_weight[0]
+
+    def label_embeddings(self, labels: torch.Tensor) -> torch.Tensor:
+        """``[N, D]`` class embedding of each row's label under its own task's head (ids set by :meth:`using`)."""
+        ids = self._task_ids if self._task_ids is not None else torch.zeros_like(labels)
+        return self.stacked_weight[ids, labels]
+
     def to(self, device) -> "MultiHead":
-        self.weight, self.valid, self.scale = self.weight.to(device), self.valid.to(device), self.scale.to(device)
+        self.stacked_weight, self.valid = self.stacked_weight.to(device), self.valid.to(device)
+        self.scale = self.scale.to(device)
         return self
 
     @contextlib.contextmanager
@@ -63,5 +81,6 @@ class MultiHead:
             if n % ids.shape[0]:
                 raise ValueError(f"MultiHead: {n} feature rows for {ids.shape[0]} task ids")
             ids = ids.repeat(n // ids.shape[0])
-        logits = self.scale[ids, None] * torch.einsum("nd,ncd->nc", F.normalize(features, dim=-1), self.weight[ids])
+        logits = self.scale[ids, None] * torch.einsum("nd,ncd->nc", F.normalize(features, dim=-1),
+                                                      self.stacked_weight[ids])
         return logits.masked_fill(~self.valid[ids], PAD_LOGIT)

@@ -190,7 +190,9 @@ def make_problem(cfg: TrainConfig, encoder, bank, head, splits: dict, classes: l
     guide = variant.build_guide(splits["train"][1].shape[1], T, B, cfg)
     if isinstance(guide, torch.nn.Module):
         guide.to(device)
-    return Problem(cfg, composer, head, likelihood, variant.model, guide, prior, splits, classes, task_ids or {})
+    # A guide that owns model parameters (the conditional prior network) offers the model bound to them.
+    model = getattr(guide, "model", None) or variant.model
+    return Problem(cfg, composer, head, likelihood, model, guide, prior, splits, classes, task_ids or {})
 
 
 def build_problem(cfg: TrainConfig) -> Problem:

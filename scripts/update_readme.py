@@ -59,11 +59,18 @@ def benchmark_section() -> list[str]:
              f"differ slightly across machines (threading changes float sums).\n", table.replace("](", "](results/"),
              "**The paper's claims, measured here** (target composition unless stated; from `results/results.json`):\n"]
     t = summary.get("target", {})
+    abl_key = next((k for k in summary if k.startswith("target:")), None)
+    ab = summary.get(abl_key, {})
+    scope = f" (on {abl_key.split(':', 1)[1].replace(',', ', ')})" if abl_key else ""
     parts.append(claim(t, "vtvc_gated:single", "atlas:single", "VTVC (gated, one model per input) > aTLAS"))
     parts.append(claim(t, "vtvc_gated:mc", "atlas:single", "VTVC (gated, MC average) > aTLAS"))
+    parts.append(claim(t, "vtvc_gated:single", "metanet:single", "VTVC (gated) vs the deterministic meta-net"))
     parts.append(claim(t, "vtvc_gated:single", "vtvc_ungated:single", "gating helps (single model per input)"))
     parts.append(claim(t, "vtvc_gated:mc", "vtvc_ungated:mc", "gating helps (MC average)"))
-    parts.append(claim(t, "vtvc_ungated:mc", "vtvc_gaussian:mc", "spike-and-slab helps over a Gaussian prior (MC)"))
+    parts.append(claim(ab, "vtvc_ungated:mc", "vtvc_gaussian:mc", "spike-and-slab helps over a Gaussian prior (MC)"
+                       + scope))
+    for v2 in ("vtvc_conditional", "vtvc_conditional_gated", "vtvc_hierarchical", "vtvc_hierarchical_gated"):
+        parts.append(claim(ab, f"{v2}:single", "metanet:single", f"`{v2}` (KL weight 1) vs the meta-net" + scope))
     g = t.get("vtvc_gated:single", {})
     if g:
         parts.append(f"* spike-and-slab is sparse: the gated single models have {g.get('exact_zero_percent', 0):.1f} % "

@@ -6,7 +6,8 @@ import pytest
 
 from pyro_tvc.cli import main
 
-QUICK = ["--seeds", "1", "--epochs", "1", "--max-train", "64", "--eval-samples", "2", "--rank", "4",
+QUICK = ["--negation-control", "mnist", "--seeds", "1", "--epochs", "1", "--max-train", "64", "--eval-samples", "2",
+         "--rank", "4",
          "--adamerging-steps", "3", "--selection-per-task", "32", "--quiet", "--device", "cpu"]
 
 
@@ -76,6 +77,7 @@ def test_benchmark_resume_reuses_finished_cells(bench, prepared, monkeypatch):
     (["--pool", "svhn"], "--pool task 'svhn'"),
     (["--protocols", "negation", "--targets", "digits", "--pool", "nope"], "--pool task 'nope'"),
     (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--protocols", "negation", "--targets", "digits"], "negation control 'cifar10' has no prepared head"),
 ])
 def test_benchmark_bad_input_one_line_exit_2_nothing_written(prepared, tmp_path, capsys, args, message):
     out = tmp_path / "never"

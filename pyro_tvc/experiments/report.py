@@ -29,10 +29,14 @@ def _mean_sd(values) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def seed_averages(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Per (method, prediction, seed): the mean over tasks of ``metric`` (tasks weighed equally)."""
+def seed_averages(df: pd.DataFrame, metric: str, num_tasks: int | None = None) -> pd.DataFrame:
+    """Per (method, prediction, seed): the mean over tasks of ``metric`` (tasks weighed equally); with
+    ``num_tasks``, only seeds that have every task (an unfinished seed is left out, not averaged over fewer)."""
     sub = df[(df.metric == metric) & (df.task != "ALL")]
-    return sub.groupby(["method", "prediction", "seed"], sort=False)["value"].mean().reset_index()
+    g = sub.groupby(["method", "prediction", "seed"], sort=False)["value"].agg(["mean", "count"]).reset_index()
+    if num_tasks is not None:
+        g = g[g["count"] == num_tasks]
+    return g.rename(columns={"mean": "value"})[["method", "prediction", "seed", "value"]]
 
 
 def relative_cost(df: pd.DataFrame, protocol: str) -> dict:
@@ -46,18 +50,28 @@ def relative_cost(df: pd.DataFrame, protocol: str) -> dict:
     return out
 
 
-def protocol_table(df: pd.DataFrame, protocol: str) -> tuple[str, dict]:
+def task_sets(df: pd.DataFrame, protocol: str) -> list[list[str]]:
+    """The distinct sets of tasks the methods of ``protocol`` were run on, largest first (one table each)."""
+    acc = df[(df.protocol == protocol) & (df.metric == "accuracy") & (df.task != "ALL")]
+    order = list(dict.fromkeys(acc.task))
+    sets = {tuple(sorted(g.task.unique(), key=order.index)) for _, g in acc.groupby("method")}
+    return [list(s) for s in sorted(sets, key=len, reverse=True)]
+
+
+def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str]) -> tuple[str, dict]:
+    """Methods run on every task of ``tasks``, restricted to them (so averages compare like with like)."""
     sub = df[df.protocol == protocol]
     if sub.empty:
         return "", {}
-    tasks = [t for t in dict.fromkeys(sub[(sub.metric == "accuracy")].task) if t != "ALL"]
-    avg = seed_averages(sub, "accuracy")
+    covered = [m for m, g in sub[sub.metric == "accuracy"].groupby("method", sort=False) if set(tasks) <= set(g.task)]
+    sub = sub[sub.method.isin(covered) & (sub.task.isin(tasks) | (sub.task == "ALL"))]
+    avg = seed_averages(sub, "accuracy", len(tasks))
     cost = relative_cost(df, protocol)
     extra = {"addition": [("normalized_accuracy", "normalised avg %")],
              "negation": [("control_accuracy", "control avg %"), ("control_retained_percent", "control kept %")]}
     extra = extra.get(protocol, [])
-    head = ["method"] + tasks + ["average"] + [h for _, h in extra] + ["exact zeros %", "train s",
-                                                                        "inference × zero-shot"]
+    head = ["method"] + tasks + ["average", "seeds"] + [h for _, h in extra] + ["exact zeros %", "train s",
+                                                                                 "inference × zero-shot"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
     for (m, p), g in sub.groupby(["method", "prediction"], sort=False):
@@ -68,10 +82,10 @@ def protocol_table(df: pd.DataFrame, protocol: str) -> tuple[str, dict]:
             cells.append(_fmt(*_mean_sd(g[(g.metric == "accuracy") & (g.task == t)].value)))
         per_seed = avg[(avg.method == m) & (avg.prediction == p)].set_index("seed")["value"]
         mean, sd, n = _mean_sd(per_seed.values)
-        cells.append(_fmt(mean, sd, n))
+        cells += [_fmt(mean, sd, n), str(n)]
         entry = {"average": mean, "sd": sd, "seeds": n, "per_seed": {int(k): float(v) for k, v in per_seed.items()}}
         for metric, _ in extra:
-            ps = seed_averages(g, metric)["value"].values
+            ps = seed_averages(g, metric, len(tasks))["value"].values
             cells.append(_fmt(*_mean_sd(ps)))
             entry[metric] = _mean_sd(ps)[0]
         zeros = g[g.metric == "exact_zero_fraction"].value
@@ -118,7 +132,8 @@ def plot_cost(summary: dict, protocol: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(k, v) for k, v in summary.items() if v.get("relative_inference_cost") and v["average"] == v["average"]]
+    pts = [(k, v) for k, v in summary.items() if (v.get("relative_inference_cost") or 0) > 0
+           and v["average"] == v["average"]]
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
@@ -146,8 +161,11 @@ def write_reports(records: list[dict], out: Path, cfg, ws) -> dict:
                       f"composed model per input (or per task). Inference cost: time per test input relative to "
                       f"zero-shot on the same machine. Names and units: docs/glossary.md.", ""], {}
     for protocol in dict.fromkeys(df.protocol):
-        table, summary[protocol] = protocol_table(df, protocol)
-        parts += [f"## {TITLES[protocol]}", "", table]
+        for i, tasks in enumerate(task_sets(df, protocol)):
+            key = protocol if i == 0 else f"{protocol}:{','.join(tasks)}"
+            table, summary[key] = protocol_table(df, protocol, tasks)
+            scope = "" if i == 0 else f" — every method, on {', '.join(tasks)}"
+            parts += [f"## {TITLES[protocol]}{scope}", "", table]
         plot_accuracy(df, protocol, out / f"accuracy_{protocol}.png")
         plot_cost(summary[protocol], protocol, out / f"cost_{protocol}.png")
         parts += [f"![accuracy per task]({'accuracy_' + protocol}.png)", ""]

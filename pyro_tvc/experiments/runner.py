@@ -1,12 +1,13 @@
 """Run the benchmark's cells (cached), then write results.json, results.csv, table.md and plots."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from pathlib import Path
 
-from pyro_tvc.experiments.config import BenchmarkConfig
+from pyro_tvc.experiments.config import BenchmarkConfig, full_grid
 from pyro_tvc.methods import get_method
 from pyro_tvc.protocols import get_protocol
 from pyro_tvc.protocols.addition import ALL_TASKS
@@ -20,6 +21,16 @@ def plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
     Raises:
         ValueError: an unknown target, a target without a prepared head, a negation target without a vector.
     """
+    if cfg.full:
+        cells = []
+        for protocol, methods, targets in full_grid():
+            sub = dataclasses.replace(cfg, full=False, protocols=[protocol], methods=methods, targets=targets)
+            cells += [c for c in _plan(sub, ws) if c not in cells]
+        return cells
+    return _plan(cfg, ws)
+
+
+def _plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
     cells = []
     for protocol in cfg.protocols:
         module = get_protocol(protocol)
@@ -34,6 +45,8 @@ def plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
                                      f"{', '.join(ws.with_heads)}")
                 if protocol == "negation" and t not in ws.with_vectors:
                     raise ValueError(f"negation target {t!r} has no prepared task vector in {ws.paths.root}")
+                if protocol == "negation":
+                    module.control_for(t, cfg.negation_control, ws.with_heads)
         for p in cfg.pool or []:
             if p not in ws.with_vectors:
                 raise ValueError(f"--pool task {p!r} has no prepared task vector; prepared: "
@@ -79,6 +92,8 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         path = out / "cells" / f"{cell_key(cfg, ws, cell)}.json"
         if path.is_file():
             records += read_json(path)["records"]
+            continue
+        if cfg.report_only:
             continue
         bar.set_postfix_str("/".join(map(str, cell)), refresh=True)
         protocol, method, target, seed = cell

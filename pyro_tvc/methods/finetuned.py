@@ -19,8 +19,8 @@ class FinetunedPredictor(Predictor):
 
     @torch.no_grad()
     def probs(self, data: TaskData) -> torch.Tensor:
-        out = torch.full((len(data), self.heads.weight.shape[1]), float("nan"), device=data.labels.device,
-                         dtype=self.heads.weight.dtype)
+        out = torch.full((len(data), self.heads.num_classes_max), float("nan"), device=data.labels.device,
+                         dtype=self.heads.stacked_weight.dtype)
         T, B = self.composer.coefficient_shape
         for t, name in enumerate(self.heads.names):
             rows = torch.nonzero(data.task_ids == t).squeeze(-1)

@@ -36,6 +36,11 @@ class ComplementCategorical(dist.Categorical):
         super().__init__(logits=logits, validate_args=validate_args)
         self.negate = negate
 
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return ComplementCategorical(self.logits.expand(batch_shape + self.logits.shape[-1:]),
+                                     self.negate.expand(batch_shape))
+
     def log_prob(self, value):
         logp = super().log_prob(value)
         masked = self.logits.masked_fill(torch.nn.functional.one_hot(value.long(), self.logits.shape[-1]).bool(),

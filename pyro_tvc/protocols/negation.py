@@ -17,8 +17,20 @@ CONTROL_KEEP = 0.95
 FALLBACK_CONTROL = "fashion_mnist"
 
 
-def control_for(target: str, control: str) -> str:
-    return control if target != control else FALLBACK_CONTROL
+def control_for(target: str, control: str, with_heads: list[str]) -> str:
+    """The control task of ``target``: ``control``, or when the target is the control itself, fashion_mnist (or
+    the first other prepared task).
+
+    Raises:
+        ValueError: the control has no prepared head.
+    """
+    if target == control:
+        others = [t for t in with_heads if t != target]
+        control = FALLBACK_CONTROL if FALLBACK_CONTROL in others else (others[0] if others else control)
+    if control not in with_heads or control == target:
+        raise ValueError(f"negation control {control!r} has no prepared head (prepared: {', '.join(with_heads)}); "
+                         f"choose one with --negation-control")
+    return control
 
 
 def applicable(ws: Workspace, method, target: str) -> bool:
@@ -40,7 +52,7 @@ def select_negation(curve: list[tuple[float, float]], control_zero_shot: float,
 def run(ws: Workspace, method, target: str, seed: int, cfg) -> list[dict]:
     if target not in ws.with_vectors:
         raise ValueError(f"negation target {target!r} has no prepared task vector")
-    control = control_for(target, cfg.negation_control)
+    control = control_for(target, cfg.negation_control, ws.with_heads)
     tasks = [target, control]
     dt = ws.task_data(target, seed, None, cfg.max_train, task_id=0)
     dc = ws.task_data(control, seed, None, cfg.max_train, task_id=1)
