@@ -74,7 +74,7 @@ def run_one(args, guide_name: str, target: str, seed: int, extra: dict) -> dict:
     variant = get_variant(guide_name)
     rec = {"guide": guide_name, "target": target, "seed": seed, "kl_weight": cfg.kl_weight, "epochs": args.epochs,
            "lr": args.lr, "rank": args.rank or None, "set": extra, **evaluate(problem, "test"),
-           "train_seconds": seconds, "val_curve": [e["val_gated_accuracy"] for e in epochs]}
+           "train_seconds": seconds, "val_curve": [next((v for k, v in e.items() if k.startswith("val_")), None) for e in epochs]}
     _, _, y = problem.splits["test"]
     probs = predictive_probs(problem, "test", cfg.eval_samples).mean(0).numpy()
     labels = y.numpy()
