@@ -57,6 +57,8 @@ class DemoConfig:
         seed: Seed of the demo (one seed; ``pyro-tvc benchmark --full`` runs three).
         epochs: Epochs of the gradient-trained methods.
         max_train: Cap on training images per task.
+        eval_samples: Posterior draws of the Monte-Carlo predictions.
+        adamerging_steps: AdaMerging's test-time steps (demo size; the paper's 500 in ``benchmark``).
         diagnose_target: Target of the VTVC run whose posterior is diagnosed.
         device: auto (CUDA when present), cpu or cuda[:i].
         quiet: No progress bars.
@@ -67,8 +69,10 @@ class DemoConfig:
     targets: list[str] = field(default_factory=lambda: list(DEMO_TARGETS))
     methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
     seed: int = 1
-    epochs: int = 4
-    max_train: int = 1000
+    epochs: int = 2
+    max_train: int = 500
+    eval_samples: int = 4
+    adamerging_steps: int = 100
     diagnose_target: str = "mnist"
     device: str = "auto"
     quiet: bool = False
@@ -130,17 +134,19 @@ def run_demo(cfg: DemoConfig) -> int:
     run_prepare(PrepareConfig(out=cfg.artifacts, device=cfg.device, quiet=cfg.quiet))
     bench = BenchmarkConfig(artifacts=cfg.artifacts, out=cfg.out / "benchmark", protocols=["target", "addition"],
                             methods=cfg.methods, targets=cfg.targets, seeds=[cfg.seed], epochs=cfg.epochs,
-                            max_train=cfg.max_train, device=cfg.device, quiet=cfg.quiet,
+                            max_train=cfg.max_train, eval_samples=cfg.eval_samples,
+                            adamerging_steps=cfg.adamerging_steps, selection_per_task=100, device=cfg.device,
+                            quiet=cfg.quiet,
                             resume=(cfg.out / "benchmark" / "config.json").is_file())
     run_benchmark(bench)
     run_dir = cfg.out / f"vtvc-{cfg.diagnose_target}"
     train_cfg = TrainConfig(artifacts=cfg.artifacts, target=cfg.diagnose_target, out=run_dir, guide="gated",
-                            rank=16, epochs=cfg.epochs, max_train=cfg.max_train, seed=cfg.seed, device=cfg.device,
-                            quiet=cfg.quiet, overwrite=True)
+                            rank=16, epochs=cfg.epochs, max_train=cfg.max_train, eval_samples=cfg.eval_samples,
+                            seed=cfg.seed, device=cfg.device, quiet=cfg.quiet, overwrite=True)
     run_train(train_cfg)
     from pyro_tvc.diagnostics.report import DiagnoseConfig
 
-    run_diagnose(DiagnoseConfig(run_dir=run_dir, seed=cfg.seed, quiet=cfg.quiet))
+    run_diagnose(DiagnoseConfig(run_dir=run_dir, num_obs=8, draws=100, quiet=cfg.quiet))
     print(f"demo: tables in {cfg.out / 'benchmark' / 'table.md'}; diagnostics in {run_dir / 'diagnostics'}")
     return 0
 

@@ -64,6 +64,11 @@ class TrainConfig:
         max_scale: Cap on the posterior scale sigma.
         hidden: Width of the amortized guide's hidden layer.
         gate: The gate's thresholds (importance, inclusion, coefficient of variation).
+        deviation_scale: Hierarchical models: initial s of the per-input deviations delta_i ~ N(0, s^2), learned
+            by type-II maximum likelihood (> 0, < max_scale).
+        deviation_per: Hierarchical models: one s per task and block (block) or per task (task).
+        global_step_multiplier: Hierarchical models: effective learning-rate multiplier of q(Lambda).
+        shift_multiplier: Conditional models: effective learning-rate multiplier of the posterior's label shift.
         eval_samples: Posterior draws of the Monte-Carlo predictive.
         elbo_particles: Particles of the reported true ELBO.
         max_train: Cap on training images (fast mode).
@@ -96,6 +101,10 @@ class TrainConfig:
     max_scale: float = 0.1
     hidden: int = 256
     gate: GateConfig = field(default_factory=GateConfig)
+    deviation_scale: float = 0.05
+    deviation_per: str = "block"
+    global_step_multiplier: float = 10.0
+    shift_multiplier: float = 0.01
     eval_samples: int = 16
     elbo_particles: int = 8
     max_train: int | None = None
@@ -121,7 +130,11 @@ class TrainConfig:
                   ("slab_scale", self.slab_scale > 0, "> 0"),
                   ("learn_inclusion", self.learn_inclusion in ("none", "global", "per_task"), "none|global|per_task"),
                   ("init_scale", 0 < self.init_scale < self.max_scale, f"in (0, max_scale={self.max_scale})"),
-                  ("hidden", self.hidden >= 1, ">= 1"), ("eval_samples", self.eval_samples >= 1, ">= 1"),
+                  ("hidden", self.hidden >= 1, ">= 1"),
+                  ("deviation_scale", 0 < self.deviation_scale < self.max_scale, f"in (0, max_scale={self.max_scale})"),
+                  ("deviation_per", self.deviation_per in ("block", "task"), "block|task"),
+                  ("global_step_multiplier", self.global_step_multiplier > 0, "> 0"),
+                  ("shift_multiplier", self.shift_multiplier > 0, "> 0"), ("eval_samples", self.eval_samples >= 1, ">= 1"),
                   ("elbo_particles", self.elbo_particles >= 1, ">= 1"),
                   ("max_train", self.max_train is None or self.max_train >= 1, ">= 1"),
                   ("patience", self.patience is None or self.patience >= 1, ">= 1"),

@@ -8,7 +8,7 @@ from pyro_tvc.backbones import TINY_MODEL
 from pyro_tvc.methods import get_method, method_names
 from pyro_tvc.methods.base import MethodConfig
 
-DEMO_TARGETS = ["mnist", "eurosat5", "dtd10"]
+DEMO_TARGETS = ["mnist", "eurosat5"]
 DEMO_METHODS = ["zero_shot", "finetuned", "task_arithmetic", "ties", "atlas", "adamerging", "metanet",
                 "task_level_vi", "vtvc_gated", "vtvc_ungated"]
 FULL_PROTOCOLS = ["target", "addition", "negation"]
