@@ -56,7 +56,7 @@ def test_notebook_executes_in_fast_mode(prepared, trained_run, tmp_path, monkeyp
 
 def test_notebook_fails_clearly_on_a_wrong_run_path(tmp_path, monkeypatch):
     missing = tmp_path / "no-such-run"
-    nb, client = _run({"PYRO_TVC_FAST": "1", "PYRO_TVC_RUN": missing}, monkeypatch, timeout=120)
+    nb, client = _run({"PYRO_TVC_FAST": "1", "PYRO_TVC_RUN": missing}, monkeypatch, timeout=300)  # imports: slow when loaded
     with pytest.raises(CellExecutionError, match="run folder .*no-such-run does not exist"):
         client.execute()
     assert not missing.exists()  # and it did not train a run there
