@@ -338,11 +338,16 @@ def evaluate(problem: Problem, split: str = "test") -> dict:
     point, coefs = point_predictions(problem, split)
     out = {"zero_shot_accuracy": zero_shot_accuracy(problem, split)}
     if not variant.point_only:
+        # Reseeded so that diagnose and the notebook, which reseed with the run's seed, print the same numbers.
+        torch.manual_seed(problem.cfg.seed)
+        pyro.set_rng_seed(problem.cfg.seed)
         probs = predictive_probs(problem, split, problem.cfg.eval_samples)
         acc, se = mc_accuracy_with_se(probs, y)
         out |= {"mc_accuracy": acc, "mc_accuracy_se": se, "mc_nll": nll(probs.mean(0)),
                 "mc_samples": problem.cfg.eval_samples}
         if variant.has_gate:
+            torch.manual_seed(problem.cfg.seed)
+            pyro.set_rng_seed(problem.cfg.seed)
             out["gated_mc_accuracy"] = 100.0 * (predictive_probs(problem, split, problem.cfg.eval_samples, gated=True)
                                                 .mean(0).argmax(-1) == y).float().mean().item()
     out |= {"single_model_accuracy": 100.0 * (point.argmax(-1) == y).float().mean().item(),
