@@ -173,8 +173,5 @@ def test_import_vector_from_checkpoints(prepared, tmp_path, capsys):
     tv = TaskVector.load(ArtifactPaths(art).task_vector("custom"))
     assert torch.allclose(tv.params["proj"], torch.full_like(tv.params["proj"], 0.5), atol=1e-6)
     assert tv.params["conv1.weight"].abs().max() == 0
-    torch.save(model.visual, tmp_path / "module.pt")  # a whole pickled module
-    assert main(["import-vector", str(tmp_path / "module.pt"), "--task", "pickled", "--artifacts", str(art)]) == 2
-    assert "allow_pickle" in capsys.readouterr().err
-    assert main(["import-vector", str(tmp_path / "module.pt"), "--task", "pickled", "--artifacts", str(art),
-                 "--allow-pickle"]) == 0
+    torch.save(model.visual, tmp_path / "module.pt")  # a whole pickled open_clip module: read without running code
+    assert main(["import-vector", str(tmp_path / "module.pt"), "--task", "pickled", "--artifacts", str(art)]) == 0
