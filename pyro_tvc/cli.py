@@ -5,7 +5,9 @@ win). ``--debug`` shows the traceback of an error; ``--version`` prints the vers
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import sys
@@ -74,10 +76,35 @@ def _parse(command: commands.Command, argv: list[str], config: Path | None):
         except TypeError:  # required fields missing from the file: let the command line supply them
             default = None
             argv = [*[a for k, v in fields.items() for a in _as_args(k, v)], *argv]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tyro warns about defaults it cannot display; nothing a user can act on
-        return tyro.cli(command.config, args=argv, default=default, prog=f"pyro-tvc {command.name}",
-                        description=command.description)
+    cls = command.config
+    # tyro turns a ValueError raised while building the config into a boxed multi-line message; parse with the
+    # validation switched off, then build the config ourselves so a bad value ends in our one-line error.
+    post_init = cls.__dict__.get("__post_init__")
+    if post_init is not None:
+        cls.__post_init__ = lambda self: None
+    captured = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(captured):
+            warnings.simplefilter("ignore")  # tyro warns about defaults it cannot display; nothing to act on
+            parsed = tyro.cli(cls, args=argv, default=default, prog=f"pyro-tvc {command.name}",
+                              description=command.description)
+    except SystemExit as exit_:
+        if exit_.code:  # a parse error: tyro drew a box; keep its words on one line
+            raise ValueError(_one_line(captured.getvalue())) from None
+        raise
+    finally:
+        if post_init is not None:
+            cls.__post_init__ = post_init
+    return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls) if f.init})
+
+
+def _one_line(boxed: str) -> str:
+    words = []
+    for line in boxed.splitlines():
+        text = line.strip().strip("│╭╰─╮╯┃━ ").strip()
+        if text and not text.startswith(("For full helptext", "usage:")) and set(text) - set("─━"):
+            words.append(text)
+    return " ".join(words) or "invalid arguments (see --help)"
 
 
 def _as_args(key: str, value) -> list[str]:

@@ -81,6 +81,17 @@ def benchmark_section() -> list[str]:
                key=lambda kv: kv[1]["average"], default=None)
     if best:
         parts.append(f"* best method on average (fine-tuned excluded): `{best[0]}` with {best[1]['average']:.1f} %.")
+    for key, proto in (("target", "target composition"), ("addition", "task addition")):
+        ada, zs = summary.get(key, {}).get("adamerging:single"), summary.get(key, {}).get("zero_shot:single")
+        if ada and zs:
+            parts.append(f"* AdaMerging with its paper defaults collapses here ({proto}): {ada['average']:.1f} % vs "
+                         f"zero-shot {zs['average']:.1f} %. Its starting point (0.3 x every vector) already predicts "
+                         f"almost one class with the tiny CLIP, and entropy minimisation makes that confident "
+                         f"(docs/methods.md).")
+    mn, at = t.get("metanet:single"), t.get("atlas:single")
+    if mn and at:
+        parts.append(f"* per-input composition vs one task-level composition: meta-net {mn['average']:.1f} %, aTLAS "
+                     f"{at['average']:.1f} %, at {cfg['max_train']} training images and {cfg['epochs']} epochs.")
     a = summary.get("addition", {})
     if a:
         parts.append(claim(a, "vtvc_gated:single", "atlas:single", "task addition: VTVC (gated) > aTLAS"))
