@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -436,7 +437,8 @@ def fit(problem: Problem, checkpoint_dir: Path | None = None, resume: bool = Fal
     for epoch in range(first_epoch, cfg.epochs):
         for idx in batches(n_train, cfg.batch_size, gen, problem.splits["train"][2].device):
             x, f, y = _tensors(problem, "train", idx)
-            with problem.heads_for("train", idx):
+            with problem.heads_for("train", idx), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Encountered NaN")  # handled just below, with a message
                 loss = svi.step(x, f, y, **problem.kwargs("train", idx))
             if not math.isfinite(loss):
                 bar.close()

@@ -23,6 +23,8 @@ from pathlib import Path
 OPTION = re.compile(r"(?<![\w-])--[A-Za-z0-9][\w-]*")
 SECTION = re.compile(r"^#{2,4}\s+`pyro-tvc\s+([\w-]+)[^`]*`", re.M)
 IGNORED = {"--help"}  # every command has it; documenting it would be noise
+# Handled by pyro-tvc before tyro parses a command, so absent from every --help: documented once, in the common part.
+GLOBAL = {"--config", "--debug", "--version"}
 
 
 def doc_options(markdown: str) -> tuple[set[str], dict[str, set[str]]]:
@@ -68,12 +70,15 @@ def compare(markdown: str, top_help: str, helps: dict[str, str]) -> list[str]:
         problems.append(f"docs section `pyro-tvc {cmd}` names no command of `pyro-tvc --help`")
     real = {cmd: help_options(helps[cmd]) - IGNORED for cmd in sorted(commands & set(sections)) if cmd in helps}
     for cmd, opts in real.items():
-        for opt in sorted(sections[cmd] - opts - IGNORED):
+        # a boolean's negative form (tyro: --quiet / --no-quiet) is documented with its positive form
+        opts -= {o for o in opts if o.startswith("--no-") and "--" + o[5:] in opts}
+        real[cmd] = opts
+        for opt in sorted(sections[cmd] - opts - IGNORED - GLOBAL):
             problems.append(f"docs list {opt} for `pyro-tvc {cmd}`, which has no such option")
         for opt in sorted(opts - sections[cmd] - common):
             problems.append(f"`pyro-tvc {cmd} --help` has {opt}, which the docs do not mention")
     everywhere = set().union(*real.values()) if real else set()
-    for opt in sorted(common - everywhere - IGNORED):
+    for opt in sorted(common - everywhere - IGNORED - GLOBAL):
         problems.append(f"docs list {opt} as a common option, but no command has it")
     return problems
 

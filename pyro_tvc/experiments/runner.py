@@ -31,6 +31,9 @@ def plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
 
 
 def _plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
+    for p in cfg.pool or []:
+        if p not in ws.with_vectors:
+            raise ValueError(f"--pool task {p!r} has no prepared task vector; prepared: {', '.join(ws.with_vectors)}")
     cells = []
     for protocol in cfg.protocols:
         module = get_protocol(protocol)
@@ -47,10 +50,6 @@ def _plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
                     raise ValueError(f"negation target {t!r} has no prepared task vector in {ws.paths.root}")
                 if protocol == "negation":
                     module.control_for(t, cfg.negation_control, ws.with_heads)
-        for p in cfg.pool or []:
-            if p not in ws.with_vectors:
-                raise ValueError(f"--pool task {p!r} has no prepared task vector; prepared: "
-                                 f"{', '.join(ws.with_vectors)}")
         for seed in cfg.seeds:
             for target in targets:
                 for method in cfg.methods_for(protocol):
