@@ -163,7 +163,7 @@ def pretrain_clip(model: torch.nn.Module, splits: dict[str, TaskSplits], cfg: Pr
         loss.backward()
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # redrawn by the bar's own clock, not per step
     model.eval()
 
 
@@ -188,7 +188,7 @@ def finetune_encoder(encoder: torch.nn.Module, head: ZeroShotHead, splits: TaskS
         torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # redrawn by the bar's own clock, not per step
     encoder.eval()
     finetuned = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     encoder.load_state_dict(theta0)
