@@ -141,7 +141,8 @@ def run_demo(cfg: DemoConfig) -> int:
     run_benchmark(bench)
     run_dir = cfg.out / f"vtvc-{cfg.diagnose_target}"
     train_cfg = TrainConfig(artifacts=cfg.artifacts, target=cfg.diagnose_target, out=run_dir, guide="gated",
-                            rank=16, epochs=cfg.epochs, max_train=cfg.max_train, eval_samples=cfg.eval_samples,
+                            rank=16, epochs=max(3, cfg.epochs), max_train=2 * cfg.max_train,
+                            eval_samples=cfg.eval_samples,
                             seed=cfg.seed, device=cfg.device, quiet=cfg.quiet, overwrite=True)
     run_train(train_cfg)
     from pyro_tvc.diagnostics.report import DiagnoseConfig
