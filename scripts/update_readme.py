@@ -42,6 +42,9 @@ def claim(summary: dict, a: str, b: str, what: str) -> str:
     if d is None:
         return f"* {what}: not measured (missing `{a}` or `{b}`)."
     mean, sd, n = d
+    if n < 2:
+        return (f"* {what}: one seed so far, no noise estimate — {summary[a]['average']:.1f} vs "
+                f"{summary[b]['average']:.1f} % on average ({mean:+.1f} points).")
     holds = "holds" if mean - sd > 0 else ("does not hold" if mean + sd < 0 else "is within the seed noise")
     return (f"* {what}: {holds} here — {summary[a]['average']:.1f} vs {summary[b]['average']:.1f} % on average, "
             f"paired difference {mean:+.1f} ± {sd:.1f} points over {n} seeds.")
@@ -52,11 +55,14 @@ def benchmark_section() -> list[str]:
     if not res:
         return []
     cfg, summary = res["config"], res["summary"]
+    planned = load("results/config.json").get("cells", "?")
+    done = len(list((ROOT / "results" / "cells").glob("*.json")))
     table = (ROOT / "results" / "table.md").read_text().split("\n", 2)[-1]
     parts = [f"**Benchmark** (`results/table.md`, `results/results.json`; `pyro-tvc benchmark --full`, seeds "
              f"{cfg['seeds']}, per-sample methods at rank {cfg['rank'] or 'full'}, {cfg['epochs']} epochs, at most "
-             f"{cfg['max_train']} training images per task; {res['seconds'] / 60:.0f} min on 2 CPU cores). Results "
-             f"differ slightly across machines (threading changes float sums).\n", table.replace("](", "](results/"),
+             f"{cfg['max_train']} training images per task; {done} of the {planned} planned cells finished: "
+             f"`make full` resumes the rest). Results differ slightly across machines (threading changes float "
+             f"sums).\n", table.replace("](", "](results/"),
              "**The paper's claims, measured here** (target composition unless stated; from `results/results.json`):\n"]
     t = summary.get("target", {})
     abl_key = next((k for k in summary if k.startswith("target:")), None)

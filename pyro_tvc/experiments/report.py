@@ -113,12 +113,17 @@ def plot_accuracy(df: pd.DataFrame, protocol: str, path: Path) -> None:
     sub = df[(df.protocol == protocol) & (df.metric == "accuracy") & (df.task != "ALL")]
     if sub.empty:
         return
+    tasks_all = task_sets(df, protocol)[0]  # the methods run on every task (the main table), for readable bars
+    keep = [m for m, g in sub.groupby("method", sort=False) if set(tasks_all) <= set(g.task)]
+    sub = sub[sub.method.isin(keep)]
     means = sub.groupby(["method", "prediction", "task"], sort=False)["value"].mean().unstack("task")
     tasks = list(means.columns)
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(tasks) + 4), 5), constrained_layout=True)
     width = 0.8 / len(means)
+    colours = plt.get_cmap("tab20").colors
     for i, ((m, p), row) in enumerate(means.iterrows()):
-        ax.bar(np.arange(len(tasks)) + i * width, row.values, width, label=label(m, p))
+        ax.bar(np.arange(len(tasks)) + i * width, row.values, width, label=label(m, p), color=colours[i % 20],
+               hatch="//" if p == "mc" else None, edgecolor="white", linewidth=0.3)
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=20, ha="right")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.set_title(TITLES[protocol], fontsize=11)
@@ -137,11 +142,12 @@ def plot_cost(summary: dict, protocol: str, path: Path) -> None:
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(7.5, 5), constrained_layout=True)
-    for k, v in pts:
+    pts.sort(key=lambda kv: (kv[1]["relative_inference_cost"], kv[1]["average"]))
+    for i, (k, v) in enumerate(pts):
         m, p = k.split(":")
         ax.scatter(v["relative_inference_cost"], v["average"])
         ax.annotate(label(m, p), (v["relative_inference_cost"], v["average"]), fontsize=8,
-                    xytext=(4, 3), textcoords="offset points")
+                    xytext=(5, 8 - 11 * (i % 3)), textcoords="offset points")  # staggered: neighbours overlap
     ax.set_xscale("log")
     ax.set_xlabel("inference time per input relative to zero-shot (log scale)")
     ax.set_ylabel("average test accuracy (%)")
