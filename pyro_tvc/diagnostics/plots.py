@@ -20,7 +20,9 @@ FONT = 9
 def short_block(name: str) -> str:
     """Compact block name used by every plot and table: ``transformer.resblocks.2.attn.out_proj.weight`` ->
     ``L2.attn.out_proj.w``."""
-    return str(name).replace("transformer.resblocks.", "L").replace(".weight", ".w").replace(".bias", ".b")
+    out = str(name).replace("transformer.resblocks.", "L").replace(".weight", ".w").replace(".bias", ".b")
+    # nn.MultiheadAttention names its packed projection in_proj_weight / in_proj_bias (no dot)
+    return out.replace("in_proj_weight", "in_proj.w").replace("in_proj_bias", "in_proj.b")
 
 
 def _figure(width: float, height: float) -> Figure:
