@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from pyro_tvc.experiments.config import DEMO_METHODS, DEMO_TARGETS, BenchmarkConfig
+from pyro_tvc.experiments.config import DEMO_METHODS, DEMO_TARGETS, DEMO_TASKS, BenchmarkConfig
 from pyro_tvc.infer import DEFAULT_ARTIFACTS, TrainConfig
 
 
@@ -52,7 +52,9 @@ class DemoConfig:
     Args:
         artifacts: Artefact folder of ``prepare``.
         out: Folder of the demo's outputs (benchmark/ and vtvc-<target>/ inside).
-        targets: Targets of the demo's target-composition table.
+        tasks: Tasks the demo fine-tunes and composes (theta_0 is pre-trained on every embedded set, as by a full
+            ``prepare``, which later reuses all of it).
+        targets: Targets of the demo's target-composition table (among ``tasks``).
         methods: Methods of the demo's tables.
         seed: Seed of the demo (one seed; ``pyro-tvc benchmark --full`` runs three).
         epochs: Epochs of the gradient-trained methods.
@@ -66,6 +68,7 @@ class DemoConfig:
 
     artifacts: Path = DEFAULT_ARTIFACTS
     out: Path = Path("runs") / "demo"
+    tasks: list[str] = field(default_factory=lambda: list(DEMO_TASKS))
     targets: list[str] = field(default_factory=lambda: list(DEMO_TARGETS))
     methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
     seed: int = 1
@@ -76,6 +79,14 @@ class DemoConfig:
     diagnose_target: str = "mnist"
     device: str = "auto"
     quiet: bool = False
+
+    def __post_init__(self):
+        if len(self.tasks) < 2:
+            raise ValueError(f"--tasks {self.tasks}: the demo composes vectors, give at least 2 tasks")
+        for option, names in (("--targets", self.targets), ("--diagnose-target", [self.diagnose_target])):
+            outside = [t for t in names if t not in self.tasks]
+            if outside:
+                raise ValueError(f"{option} {outside}: not among the demo's --tasks {self.tasks}")
 
 
 def run_prepare(cfg) -> int:
@@ -129,11 +140,14 @@ def run_benchmark(cfg: BenchmarkConfig) -> int:
 
 
 def run_demo(cfg: DemoConfig) -> int:
+    from pyro_tvc.data import EMBEDDED_TASKS
     from pyro_tvc.prepare import PrepareConfig
 
-    run_prepare(PrepareConfig(out=cfg.artifacts, device=cfg.device, quiet=cfg.quiet))
+    run_prepare(PrepareConfig(out=cfg.artifacts, tasks=list(cfg.tasks), pretrain_tasks=list(EMBEDDED_TASKS),
+                              device=cfg.device, quiet=cfg.quiet))
     bench = BenchmarkConfig(artifacts=cfg.artifacts, out=cfg.out / "benchmark", protocols=["target", "addition"],
-                            methods=cfg.methods, targets=cfg.targets, seeds=[cfg.seed], epochs=cfg.epochs,
+                            methods=cfg.methods, targets=cfg.targets, pool=list(cfg.tasks), seeds=[cfg.seed],
+                            epochs=cfg.epochs,
                             max_train=cfg.max_train, eval_samples=cfg.eval_samples,
                             adamerging_steps=cfg.adamerging_steps, selection_per_task=100, device=cfg.device,
                             quiet=cfg.quiet,
@@ -141,6 +155,7 @@ def run_demo(cfg: DemoConfig) -> int:
     run_benchmark(bench)
     run_dir = cfg.out / f"vtvc-{cfg.diagnose_target}"
     train_cfg = TrainConfig(artifacts=cfg.artifacts, target=cfg.diagnose_target, out=run_dir, guide="gated",
+                            tasks=[t for t in cfg.tasks if t != cfg.diagnose_target],
                             rank=16, epochs=max(3, cfg.epochs), max_train=2 * cfg.max_train,
                             eval_samples=cfg.eval_samples,
                             seed=cfg.seed, device=cfg.device, quiet=cfg.quiet, overwrite=True)

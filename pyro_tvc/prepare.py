@@ -46,6 +46,9 @@ class PrepareConfig:
             TorchScript file); skips pre-training.
         data_root: Folder of real data sets (torchvision layout); default: the embedded sets.
         tasks: Tasks to prepare (embedded names, or real ones with ``data_root``), without repeats.
+        pretrain_tasks: Embedded tasks whose images pre-train the tiny theta_0 (default: ``tasks``). The demo
+            pre-trains on every embedded set but fine-tunes only its own tasks, so its theta_0, heads and vectors
+            are the ones a later full ``prepare`` reuses.
         pretrain_steps: Contrastive pre-training steps of the tiny theta_0 (>= 1).
         pretrain_lr: Peak learning rate of pre-training, in (0, 1].
         pretrain_fraction: Share of every training split used for pre-training, in (0, 1].
@@ -65,6 +68,7 @@ class PrepareConfig:
     pretrained: Path | None = None
     data_root: Path | None = None
     tasks: list[str] = field(default_factory=lambda: list(EMBEDDED_TASKS))
+    pretrain_tasks: list[str] | None = None
     pretrain_steps: int = 150
     pretrain_lr: float = 1e-3
     pretrain_fraction: float = 0.1
@@ -111,17 +115,27 @@ class PrepareConfig:
             raise FileNotFoundError(f"--data-root {self.data_root}: no such folder")
         self._validate_tasks()
 
+    @property
+    def pretraining_tasks(self) -> list[str]:
+        return list(self.tasks if self.pretrain_tasks is None else self.pretrain_tasks)
+
     def _validate_tasks(self) -> None:
-        known = list(REAL_TASKS) if self.data_root is not None else list(EMBEDDED_TASKS)
-        if not self.tasks:
-            raise ValueError(f"--tasks: expected at least one task of {known}")
-        repeated = sorted({t for t in self.tasks if list(self.tasks).count(t) > 1})
-        if repeated:
-            raise ValueError(f"--tasks: {repeated} given more than once")
-        unknown = [t for t in self.tasks if t not in known]
-        if unknown:
-            where = "real tasks under --data-root" if self.data_root is not None else "embedded tasks"
-            raise ValueError(f"--tasks: unknown {unknown}; {where} are: {', '.join(known)}")
+        real = self.data_root is not None
+        _check_task_list("--tasks", self.tasks, list(REAL_TASKS) if real else list(EMBEDDED_TASKS),
+                         "real tasks under --data-root" if real else "embedded tasks")
+        if self.pretrain_tasks is not None:
+            _check_task_list("--pretrain-tasks", self.pretrain_tasks, list(EMBEDDED_TASKS), "embedded tasks")
+
+
+def _check_task_list(option: str, tasks, known: list[str], where: str) -> None:
+    if not tasks:
+        raise ValueError(f"{option}: expected at least one task of {known}")
+    repeated = sorted({t for t in tasks if list(tasks).count(t) > 1})
+    if repeated:
+        raise ValueError(f"{option}: {repeated} given more than once")
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"{option}: unknown {unknown}; {where} are: {', '.join(known)}")
 
 
 # --- pre-training (embedded default only) -----------------------------------------------------------------------
@@ -208,8 +222,8 @@ def theta0_recipe(cfg: PrepareConfig) -> dict | None:
     recipe = {"model": cfg.model, "model_config_sha256": model_config_sha256(cfg.model)}
     if cfg.pretrained is not None:
         return {**recipe, "pretrained_sha256": file_sha256(cfg.pretrained)}
-    return {**recipe, "pretrain_tasks": list(cfg.tasks),
-            "pretrain_data_sha256": [embedded_data_sha256(t) for t in cfg.tasks],
+    return {**recipe, "pretrain_tasks": list(cfg.pretraining_tasks),
+            "pretrain_data_sha256": [embedded_data_sha256(t) for t in cfg.pretraining_tasks],
             "max_train": cfg.max_train, "pretrain_steps": cfg.pretrain_steps, "pretrain_lr": cfg.pretrain_lr,
             "pretrain_fraction": cfg.pretrain_fraction, "seed": cfg.seed}
 
@@ -238,14 +252,14 @@ def _note(message: str, notes: list[str]) -> None:
 
 # --- the whole pipeline -----------------------------------------------------------------------------------------
 
-def _load_splits(cfg: PrepareConfig, transform) -> dict[str, TaskSplits]:
+def _load_splits(cfg: PrepareConfig, transform, tasks: list[str]) -> dict[str, TaskSplits]:
     """Every task's splits; an empty train or test split is refused (fine-tuning would loop on no batches).
 
     Raises:
         ValueError: naming the task, the split and the sizes found.
     """
     kw = {} if cfg.data_root else {"max_train": cfg.max_train}
-    splits = {t: load_task(t, cfg.data_root, transform, **kw) for t in cfg.tasks}
+    splits = {t: load_task(t, cfg.data_root, transform, **kw) for t in tasks}
     for task, s in splits.items():
         sizes = {k: len(getattr(s, k)) for k in ("train", "val", "test")}
         empty = [k for k in ("train", "test") if sizes[k] == 0]
@@ -332,12 +346,12 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     splits_cache: dict[str, TaskSplits] = {}
     transform: list = [None]  # set once theta_0 exists (real data sets need the model's preprocessing)
 
-    def splits() -> dict[str, TaskSplits]:
-        if not splits_cache:
-            splits_cache.update(_load_splits(cfg, transform[0]))
-        return splits_cache
+    def splits(tasks: list[str] = cfg.tasks) -> dict[str, TaskSplits]:
+        missing = [t for t in tasks if t not in splits_cache]
+        splits_cache.update(_load_splits(cfg, transform[0], missing) if missing else {})
+        return {t: splits_cache[t] for t in tasks}  # in the order given: the pre-training pool's RNG follows it
 
-    model = _theta0(cfg, paths, device, splits, notes)
+    model = _theta0(cfg, paths, device, lambda: splits(cfg.pretraining_tasks), notes)
     encoder = image_encoder(model)
     if cfg.data_root is not None:
         transform[0] = open_clip.image_transform(encoder.image_size, is_train=False)
@@ -355,7 +369,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
                                  "theta0_sha256": theta0_sha, "head": h_recipe})
         if rows.get(task, {}).get("recipe_sha256") != row_key:
             rows[task] = _evaluate(encoder, head, vector, theta0, s, device) | {"recipe_sha256": row_key}
-    ordered = [rows[t] for t in cfg.tasks]
+    # rows of tasks prepared earlier on this theta_0 stay in the table (a demo-sized prepare after a full one)
+    earlier = [t for t in rows if t not in cfg.tasks and _built_on(paths, t, theta0_sha)]
+    ordered = [rows[t] for t in list(cfg.tasks) + earlier]
     table = {
         "model": cfg.model, "theta0_sha256": theta0_sha, "config": {k: str(v) for k, v in asdict(cfg).items()},
         "rows": ordered,
@@ -370,6 +386,14 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         ordered + [{"task": "**average**", "classes": "", **table["average"]}],
         title=f"Test top-1 accuracy (%) of theta_0 ({cfg.model}) and fine-tuned encoders"))
     return table
+
+
+def _built_on(paths: ArtifactPaths, task: str, theta0_sha: str) -> bool:
+    path = paths.task_vector(task)
+    if not path.exists():
+        return False
+    meta = TaskVector.load(path).meta
+    return (stored_recipe(meta) or {}).get("theta0_sha256", meta.get("theta0_sha256")) == theta0_sha
 
 
 def _evaluate(encoder, head, vector: TaskVector, theta0, s: TaskSplits, device) -> dict:

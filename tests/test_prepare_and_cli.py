@@ -175,3 +175,16 @@ def test_import_vector_from_checkpoints(prepared, tmp_path, capsys):
     assert tv.params["conv1.weight"].abs().max() == 0
     torch.save(model.visual, tmp_path / "module.pt")  # a whole pickled open_clip module: read without running code
     assert main(["import-vector", str(tmp_path / "module.pt"), "--task", "pickled", "--artifacts", str(art)]) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--targets", "gtsrb"], "--targets ['gtsrb']: not among the demo's --tasks"),
+    (["--diagnose-target", "dtd10"], "--diagnose-target ['dtd10']: not among the demo's --tasks"),
+    (["--tasks", "mnist", "--targets", "mnist", "--diagnose-target", "mnist"], "give at least 2 tasks"),
+])
+def test_demo_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--artifacts", str(tmp_path / "art"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists() and not (tmp_path / "art").exists()

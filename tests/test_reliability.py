@@ -326,3 +326,18 @@ def test_empty_split_is_refused_naming_task_and_split(tmp_path):
                                          r"'val': 2, 'test': 0\}, 2 classes\)"):
         run_prepare(PrepareConfig(out=tmp_path / "art", pretrained=a, data_root=tmp_path / "data", tasks=["RESISC45"],
                                   finetune_steps=2, batch_size=8, quiet=True, device="cpu"))
+
+
+def test_subset_prepare_shares_theta0_and_vectors_with_full_prepare(tmp_path):
+    """The demo pre-trains on every task but fine-tunes a few: a later full prepare reuses all of it, and a subset
+    prepare after the full one keeps the other tasks' table rows."""
+    out, everything = tmp_path / "art", ["digits", "mnist"]
+    demo = run_prepare(_cfg(out, pretrain_steps=2, tasks=["digits"], pretrain_tasks=everything))
+    first = _mtimes(out)
+    full = run_prepare(_cfg(out, pretrain_steps=2, tasks=everything))
+    assert full["notes"] == [] and full["theta0_sha256"] == demo["theta0_sha256"]
+    assert {k: v for k, v in _mtimes(out).items() if k in first} == first  # theta_0, digits' head and vector reused
+    again = run_prepare(_cfg(out, pretrain_steps=2, tasks=["digits"], pretrain_tasks=everything))
+    assert [r["task"] for r in again["rows"]] == ["digits", "mnist"]
+    with pytest.raises(ValueError, match=r"--pretrain-tasks: unknown \['svhn'\]"):
+        run_prepare(_cfg(out, pretrain_steps=2, pretrain_tasks=["svhn"]))

@@ -9,6 +9,8 @@ from pyro_tvc.methods import get_method, method_names
 from pyro_tvc.methods.base import MethodConfig
 
 DEMO_TARGETS = ["mnist", "eurosat5"]
+# the demo fine-tunes 5 of the 9 embedded tasks (about 40 % of prepare's time saved; README: the demo)
+DEMO_TASKS = ["mnist", "fashion_mnist", "digits", "eurosat5", "resisc45_12"]
 DEMO_METHODS = ["zero_shot", "finetuned", "task_arithmetic", "ties", "atlas", "adamerging", "metanet",
                 "task_level_vi", "vtvc_gated", "vtvc_ungated"]
 FULL_PROTOCOLS = ["target", "addition", "negation"]
