@@ -32,7 +32,9 @@ from common import artefact_args  # noqa: E402
 
 from pyro_tvc.infer import TrainConfig, build_problem, fit, ungated  # noqa: E402
 from pyro_tvc.runtime import seed_everything, write_json  # noqa: E402
-from variants import gate_record, parse_set  # noqa: E402
+from variants import parse_set  # noqa: E402
+
+from pyro_tvc.guides.gated import gate_statistics  # noqa: E402
 
 
 def gradients(problem, elbo, x, f, y, idx, repeats: int) -> torch.Tensor:
@@ -92,7 +94,7 @@ def main() -> None:
     result = {
         "guide": args.guide, "target": args.target, "batch": len(y), "repeats": args.repeats,
         "kl_weight": cfg.kl_weight, "train_epochs": args.train_epochs, "max_train": args.max_train,
-        "rank": args.rank or None, **gate_record(problem.guide, f),
+        "rank": args.rank or None, **gate_statistics(problem.guide, f),
         "ungated_st": summary(ungated_g, reference), "gated_st": summary(gated_g, reference),
         "score_function": summary(sf_g, reference),
     }

@@ -11,7 +11,7 @@ any training-config field, including the v2 hyper-parameters read by their guide
 
 Per run: MC and single-model accuracy and NLL, ECE and AUROC of the predictive entropy for errors (MC predictive),
 sparsity of the single model, true ELBO per input, train seconds; for gated guides (any guide with ``masks``) the
-fractions pruned / reliable / sampled, and reliable among the unpruned; for the conditional model the mean
+fractions pruned / reliable / sampled / included, and reliable among the included; for the conditional model the mean
 ``KL(q(lambda|x,y) || p(lambda|x))`` per test input (how much the label moves the posterior); for the hierarchical
 model the learned deviation scale.
 """
@@ -28,6 +28,7 @@ import pyro
 import torch
 
 from pyro_tvc.diagnostics.summaries import auroc, expected_calibration_error
+from pyro_tvc.guides.gated import gate_statistics
 from pyro_tvc.infer import (TrainConfig, build_problem, evaluate, fit, predictive_probs, true_elbo_per_datum)
 from pyro_tvc.models import DEVIATION_SCALE_PARAM
 from pyro_tvc.runtime import seed_everything, write_json
@@ -45,15 +46,6 @@ def parse_set(items: list[str]) -> dict:
         except json.JSONDecodeError:
             out[name] = value
     return out
-
-
-def gate_record(guide, features) -> dict:
-    pruned, reliable = guide.masks(features)
-    unpruned = (~pruned).float().mean().item()
-    return {"gate_fraction_pruned": pruned.float().mean().item(),
-            "gate_fraction_reliable": reliable.float().mean().item(),
-            "gate_fraction_sampled": (~pruned & ~reliable).float().mean().item(),
-            "gate_reliable_among_unpruned": reliable.float().mean().item() / unpruned if unpruned else None}
 
 
 def run_one(args, guide_name: str, target: str, seed: int, extra: dict) -> dict:
@@ -84,7 +76,7 @@ def run_one(args, guide_name: str, target: str, seed: int, extra: dict) -> dict:
     rec["true_elbo_per_datum"] = None if variant.point_only else true_elbo_per_datum(problem)
     f_test = problem.splits["test"][1]
     if hasattr(problem.guide, "masks"):
-        rec.update(gate_record(problem.guide, f_test))
+        rec.update(gate_statistics(problem.guide, f_test))
     if hasattr(problem.guide, "kl_per_input"):
         rec["kl_q_p_per_input"] = problem.guide.kl_per_input(f_test, y, problem.likelihood).mean().item()
     store = pyro.get_param_store()

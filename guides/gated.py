@@ -113,3 +113,20 @@ class GatedSpikeSlabGuide(AmortizedSpikeSlabGuide):
         pruned, reliable = gate_masks(logits, loc, scale, self.gate)
         keep = reliable | (~pruned & (logits > 0))
         return torch.where(keep, loc, torch.zeros_like(loc)).unflatten(-1, (self.num_tasks, self.num_blocks))
+
+
+@torch.no_grad()
+def gate_statistics(guide, features: torch.Tensor) -> dict:
+    """What the gate of ``guide`` (any guide with ``masks(features)`` and ``point_estimate(features)``) marks on the
+    inputs ``features [N, D]``: fractions (0..1) of all coefficients pruned, reliable, sampled and included (nonzero
+    in the single model), and the fraction of the included ones that are reliable (issue 11's measure). Masks of
+    shape ``[T, B]`` (a task-level gate) count once per input."""
+    pruned, reliable = guide.masks(features)
+    included = guide.point_estimate(features) != 0
+    pruned, reliable = pruned.expand_as(included), reliable.expand_as(included)
+    n_included = included.sum().item()
+    return {"gate_fraction_pruned": pruned.float().mean().item(),
+            "gate_fraction_reliable": reliable.float().mean().item(),
+            "gate_fraction_sampled": (~pruned & ~reliable).float().mean().item(),
+            "gate_fraction_included": included.float().mean().item(),
+            "gate_reliable_among_included": (reliable & included).sum().item() / n_included if n_included else None}

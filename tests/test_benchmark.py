@@ -43,6 +43,15 @@ def test_benchmark_writes_tidy_records_tables_and_plots(bench, prepared):
         assert n == pytest.approx(100 * a / row["fine_tuned"], rel=1e-6)
     assert set(df[df.protocol == "negation"].metric) >= {"accuracy", "control_accuracy", "control_retained_percent"}
     assert "adamerging" not in set(df[df.protocol == "negation"].method)  # no negation objective
+    # calibration per task and prediction, and what VTVC's posterior learned (issue 11's measures)
+    tg = df[(df.protocol == "target") & (df.task == "digits")]
+    for metric, low, high in (("nll", 0.0, 20.0), ("ece", 0.0, 100.0)):
+        v = tg[tg.metric == metric]
+        assert set(v.method) == set(target.method) and v.value.between(low, high).all(), metric
+    learned = df[(df.protocol == "target") & (df.method == "vtvc_gated") & (df.task == "ALL")]
+    got = dict(zip(learned.metric, learned.value))
+    assert got["true_elbo_per_datum"] < 0 and 1 <= got["selected_epoch"] <= 1
+    assert 0 <= got["gate_fraction_reliable"] <= 1 and 0 <= got["gate_fraction_included"] <= 1
     md = (bench / "table.md").read_text()
     for label in ("Zero-shot", "TIES", "aTLAS", "AdaMerging", "VTVC gated (MC)", "Task addition", "Task negation"):
         assert label in md
@@ -97,3 +106,26 @@ def test_negation_target_without_vector_is_refused(prepared, tmp_path, capsys):
                  "--targets", "digits", "--quiet", "--device", "cpu"])
     assert code == 2 and "has no prepared task vector" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_nll_and_gate_statistics_on_hand_made_cases():
+    import math
+
+    import torch
+
+    from pyro_tvc.guides.gated import gate_statistics
+    from pyro_tvc.protocols.common import nll
+
+    probs = torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+    assert nll(probs, torch.tensor([0, 1, 1])) == pytest.approx(-(math.log(0.5) + math.log(0.1) + math.log(0.8)) / 3)
+
+    class Guide:  # 1 input, T=1, B=4: pruned, reliable+included, sampled+included, sampled+excluded
+        def masks(self, f):
+            return torch.tensor([[[True, False, False, False]]]), torch.tensor([[[False, True, False, False]]])
+
+        def point_estimate(self, f):
+            return torch.tensor([[[0.0, 0.3, -0.2, 0.0]]])
+
+    got = gate_statistics(Guide(), torch.zeros(1, 8))
+    assert got == {"gate_fraction_pruned": 0.25, "gate_fraction_reliable": 0.25, "gate_fraction_sampled": 0.5,
+                   "gate_fraction_included": 0.5, "gate_reliable_among_included": 0.5}

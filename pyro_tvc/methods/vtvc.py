@@ -18,7 +18,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_tvc.infer import Problem, TrainConfig, fit as svi_fit, make_problem, point_predictions, predictive_probs
+from pyro_tvc.guides.gated import gate_statistics
+from pyro_tvc.infer import (Problem, TrainConfig, fit as svi_fit, make_problem, point_predictions, predictive_probs,
+                            true_elbo_per_datum)
 from pyro_tvc.methods.base import FitResult, MethodContext, Predictor, TaskData, Timer, selection_score
 from pyro_tvc.models import ClassificationLikelihood
 from pyro_tvc.variants import get_variant, variant_names
@@ -97,6 +99,26 @@ def _splits(ctx: MethodContext) -> tuple[dict, dict]:
             {k: d.task_ids for k, d in parts.items()})
 
 
+def _val_key(e: dict) -> float:
+    v = e.get("val_single_model_accuracy")
+    return float("-inf") if v is None else v
+
+
+@torch.no_grad()
+def posterior_summary(problem: Problem, select: TaskData) -> dict:
+    """Issue 11's measures of the trained posterior: the true ELBO per training input (KL weight 1, ungated), what the
+    gate marks on the selection inputs, and for a label-reading posterior ``KL(q(lambda|x,y) || p(lambda|x))``."""
+    out = {}
+    if not get_variant(problem.cfg.guide).point_only:
+        out["true_elbo_per_datum"] = true_elbo_per_datum(problem, "train")
+    if hasattr(problem.guide, "masks"):
+        out |= gate_statistics(problem.guide, select.features)
+    if hasattr(problem.guide, "kl_per_input") and len(getattr(problem.head, "names", [0])) == 1:  # one head
+        out["kl_q_p_per_input"] = problem.guide.kl_per_input(select.features, select.labels,
+                                                             problem.likelihood).mean().item()
+    return out
+
+
 def make_fit(guide: str, rank_override: int | None | str = "cfg"):
     def fit(ctx: MethodContext) -> FitResult:
         mc = ctx.cfg
@@ -117,7 +139,9 @@ def make_fit(guide: str, rank_override: int | None | str = "cfg"):
         predictors = {"single": _SplitPredictor(problem, "single")}
         if not get_variant(guide).point_only:
             predictors["mc"] = _SplitPredictor(problem, "mc")
-        learned = {"guide": guide, "rank": rank, "kl_weight": cfg.kl_weight, "epochs": epochs}
+        learned = {"guide": guide, "rank": rank, "kl_weight": cfg.kl_weight, "epochs": epochs,
+                   "selected_epoch": max(epochs, key=_val_key)["epoch"] if epochs else None,
+                   **posterior_summary(problem, ctx.select)}
         return FitResult(predictors, learned, timer.seconds)
     return fit
 

@@ -5,7 +5,13 @@ import time
 
 import torch
 
+from pyro_tvc.diagnostics.summaries import expected_calibration_error
+
 from pyro_tvc.methods.base import FitResult, TaskData, per_task_accuracy
+
+# what a method learned that the tables report (FitResult.learned keys; docs/glossary.md)
+LEARNED_METRICS = ("true_elbo_per_datum", "gate_fraction_pruned", "gate_fraction_reliable", "gate_fraction_included",
+                   "gate_reliable_among_included", "kl_q_p_per_input", "selected_epoch")
 
 
 def record(protocol, method, prediction, task, seed, metric, value) -> dict:
@@ -15,10 +21,13 @@ def record(protocol, method, prediction, task, seed, metric, value) -> dict:
 
 def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test: TaskData,
                  task_names: list[str], tasks_to_report: list[str] | None = None) -> list[dict]:
-    """Accuracy per task (%), exact-zero fraction and inference time per test input (ms) of every prediction of
-    ``result``; plus the fit's train time (s) under task ``ALL``."""
-    rows = [record(protocol, method, next(iter(result.predictors)), "ALL", seed, "train_seconds",
-                   result.train_seconds)]
+    """Accuracy (%), NLL (nats) and ECE (%) per task, exact-zero fraction and inference time per test input (ms) of
+    every prediction of ``result``; plus, under task ``ALL`` and the main prediction, the fit's train time (s) and
+    the scalars of :data:`LEARNED_METRICS` that the method reports."""
+    main = next(iter(result.predictors))
+    rows = [record(protocol, method, main, "ALL", seed, "train_seconds", result.train_seconds)]
+    rows += [record(protocol, method, main, "ALL", seed, k, result.learned[k]) for k in LEARNED_METRICS
+             if isinstance(result.learned.get(k), (int, float))]
     report = tasks_to_report or task_names
     for kind, predictor in result.predictors.items():
         t0 = time.perf_counter()
@@ -29,8 +38,19 @@ def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test:
         for t, name in enumerate(task_names):
             if name in report:
                 rows.append(record(protocol, method, kind, name, seed, "accuracy", accs[t]))
+                mine = test.task_ids == t
+                if mine.any() and not torch.isnan(probs[mine]).any():
+                    rows.append(record(protocol, method, kind, name, seed, "nll", nll(probs[mine], test.labels[mine])))
+                    rows.append(record(protocol, method, kind, name, seed, "ece",
+                                       100.0 * expected_calibration_error(probs[mine].cpu().numpy(),
+                                                                          test.labels[mine].cpu().numpy())))
         rows.append(record(protocol, method, kind, "ALL", seed, "inference_ms_per_input", ms))
         zeros = predictor.exact_zero_fraction(test)
         if zeros is not None:
             rows.append(record(protocol, method, kind, "ALL", seed, "exact_zero_fraction", zeros))
     return rows
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log predictive probability of the true label (nats); probabilities floored at 1e-12."""
+    return -probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().mean().item()
