@@ -113,6 +113,25 @@ def load_head(path: Path, device="cpu") -> tuple[ZeroShotHead, list[str]]:
     return ZeroShotHead(weight, float(meta["logit_scale"])), json.loads(meta["classes"])
 
 
+def target_head(paths: ArtifactPaths, clip: torch.nn.Module, model_name: str, name: str, classes: list[str],
+                device="cpu") -> ZeroShotHead:
+    """The prepared zero-shot head of ``name`` when it exists with these ``classes``, else one built now from the
+    class names through theta_0's text tower (a target needs a head, not a vector of its own; nothing is written).
+
+    Raises:
+        ValueError: a prepared head of ``name`` with other classes (a different task under the same name).
+    """
+    from pyro_tvc.backbones import tokenizer_for, zero_shot_head
+
+    if paths.head(name).exists():
+        head, prepared = load_head(paths.head(name), device)
+        if prepared != list(classes):
+            raise ValueError(f"{paths.head(name)}: the prepared head of {name!r} has classes {prepared[:5]}..., the "
+                             f"data has {list(classes)[:5]}...; rename the task folder or re-run prepare")
+        return head
+    return zero_shot_head(clip, tokenizer_for(model_name), list(classes), name)
+
+
 def load_bank(paths: ArtifactPaths, tasks: list[str], theta0_sha256: str | None = None) -> TaskVectorBank:
     """Stack the task vectors of ``tasks``; refuses unknown tasks, non-finite vectors and another theta_0.
 

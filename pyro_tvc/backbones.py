@@ -123,3 +123,15 @@ def zero_shot_head(model: nn.Module, tokenizer, classes: list[str], task: str,
 def image_encoder(model: nn.Module) -> nn.Module:
     """The image tower whose parameters are the blocks of every task vector (open_clip: ``model.visual``)."""
     return model.visual
+
+
+def model_input_size(model_name: str) -> int:
+    """Input side in pixels of an open_clip architecture (its config's ``vision_cfg.image_size``; 224 if absent)."""
+    size = ((open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def input_size(encoder: nn.Module) -> int:
+    """Side of the square input the image tower expects, in pixels (open_clip's ``visual.image_size``)."""
+    size = getattr(encoder, "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -21,11 +21,13 @@ import pyro.optim
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
+from torch.utils.data import TensorDataset
 
-from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head, prepared_tasks
-from pyro_tvc.backbones import image_encoder
+from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, prepared_tasks, target_head
+from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.compose.engine import Composer
-from pyro_tvc.data import load_embedded
+from pyro_tvc.data.custom import is_task_path, task_name
+from pyro_tvc.data.targets import TargetData, load_target
 from pyro_tvc.evaluation import encode_dataset
 from pyro_tvc.guides import GateConfig
 from pyro_tvc.heads import MultiHead
@@ -43,7 +45,8 @@ class TrainConfig:
 
     Args:
         artifacts: Folder written by ``pyro-tvc prepare``.
-        target: Target task (needs a prepared head).
+        target: Target task: a prepared task's name, or the path of your own task (an ImageFolder tree, .npz or
+            .csv; docs/custom-tasks.md), whose zero-shot head is built from its class names if not prepared.
         out: Run folder (default: runs/<target>-<guide>); refused when not empty unless --overwrite or --resume.
         tasks: Task vectors to compose (default: every prepared vector but the target's).
         guide: Inference variant (model + guide), see docs/inference.md: gated, spike_slab, point, gaussian,
@@ -73,6 +76,8 @@ class TrainConfig:
         eval_samples: Posterior draws of the Monte-Carlo predictive.
         elbo_particles: Particles of the reported true ELBO.
         max_train: Cap on training images (fast mode).
+        shots: Keep k labelled training images per class (seeded, stratified; aTLAS's few-shot setting).
+        skip_bad_images: Leave out unreadable files of a target given by path (counted) instead of refusing them.
         patience: Stop after this many epochs without validation improvement (default: run every epoch).
         seed: Random seed.
         device: auto (CUDA when present), cpu or cuda[:i].
@@ -109,6 +114,8 @@ class TrainConfig:
     eval_samples: int = 16
     elbo_particles: int = 8
     max_train: int | None = None
+    shots: int | None = None
+    skip_bad_images: bool = False
     patience: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -121,7 +128,8 @@ class TrainConfig:
         if self.kl_weight is None:
             self.kl_weight = variant.default_kl_weight
         if self.out is None:
-            self.out = Path("runs") / f"{self.target}-{self.guide}"
+            name = task_name(self.target) if is_task_path(self.target) else self.target
+            self.out = Path("runs") / f"{name}-{self.guide}"
         checks = [("kl_weight", self.kl_weight > 0, "> 0"), ("epochs", self.epochs >= 1, ">= 1"),
                   ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
                   ("final_lr_fraction", 0 < self.final_lr_fraction <= 1, "in (0, 1]"),
@@ -138,6 +146,7 @@ class TrainConfig:
                   ("shift_multiplier", self.shift_multiplier > 0, "> 0"), ("eval_samples", self.eval_samples >= 1, ">= 1"),
                   ("elbo_particles", self.elbo_particles >= 1, ">= 1"),
                   ("max_train", self.max_train is None or self.max_train >= 1, ">= 1"),
+                  ("shots", self.shots is None or self.shots >= 1, ">= 1"),
                   ("patience", self.patience is None or self.patience >= 1, ">= 1"),
                   ("seed", self.seed >= 0, ">= 0")]
         for name, ok, expected in checks:
@@ -165,6 +174,7 @@ class Problem:
     splits: dict
     classes: list[str]
     task_ids: dict = field(default_factory=dict)
+    data_choices: dict = field(default_factory=dict)  # how the target's splits were made (shots, val source)
 
     def kwargs(self, split: str, indices=None, kl_weight=None) -> dict:
         return dict(likelihood=self.likelihood, num_data=len(self.splits[split][2]), indices=indices,
@@ -181,15 +191,15 @@ class Problem:
             yield
 
 
-def load_target_splits(cfg: TrainConfig, encoder, device) -> tuple[dict, list[str]]:
-    """The target's train/val/test tensors with pre-trained features ``f(x; theta_0)`` (the guide's input)."""
-    data = load_embedded(cfg.target, max_train=cfg.max_train, seed=cfg.seed)
+def load_target_splits(cfg: TrainConfig, encoder, device) -> tuple[dict, TargetData]:
+    """The target's train/val/test tensors with pre-trained features ``f(x; theta_0)`` (the guide's input), and the
+    loaded :class:`~pyro_tvc.data.targets.TargetData` (name, classes, how the splits were made)."""
+    data = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
     splits = {}
-    for name in ("train", "val", "test"):
-        ds = getattr(data, name)
-        feats, labels = encode_dataset(encoder, ds, device=device)
-        splits[name] = (ds.tensors[0].to(device), feats.to(device), labels.to(device))
-    return splits, data.classes
+    for name, (images, labels) in data.splits.items():
+        feats, _ = encode_dataset(encoder, TensorDataset(images, labels), device=device)
+        splits[name] = (images.to(device), feats.to(device), labels.to(device))
+    return splits, data
 
 
 def make_problem(cfg: TrainConfig, encoder, bank, head, splits: dict, classes: list[str],
@@ -217,21 +227,23 @@ def build_problem(cfg: TrainConfig) -> Problem:
     """
     device = resolve_device(cfg.device)
     paths = ArtifactPaths(Path(cfg.artifacts))
-    clip, _ = load_clip(paths.clip, device)
+    clip, model_name = load_clip(paths.clip, device)
     encoder = image_encoder(clip)
     available = prepared_tasks(paths)
-    if cfg.target not in available:
+    if not is_task_path(cfg.target) and not paths.head(cfg.target).exists():
         raise ValueError(f"target {cfg.target!r} has no prepared head/vector in {paths.root}; "
-                         f"prepared: {', '.join(available)}")
-    tasks = cfg.tasks or [t for t in available if t != cfg.target]
+                         f"prepared: {', '.join(available)}; or give your own task's folder (docs/custom-tasks.md)")
+    splits, target = load_target_splits(cfg, encoder, device)
+    tasks = cfg.tasks or [t for t in available if t != target.name]
     unknown = [t for t in tasks if t not in available]
     if unknown or not tasks:
         raise ValueError(f"--tasks {' '.join(tasks) or '(empty)'}: need prepared task vectors; "
                          f"prepared: {', '.join(available)}")
     bank = load_bank(paths, tasks)
-    head, _ = load_head(paths.head(cfg.target), device)
-    splits, classes = load_target_splits(cfg, encoder, device)
-    return make_problem(cfg, encoder, bank, head, splits, classes)
+    head = target_head(paths, clip, model_name, target.name, target.classes, device)
+    problem = make_problem(cfg, encoder, bank, head, splits, target.classes)
+    problem.data_choices = target.choices
+    return problem
 
 
 @contextlib.contextmanager
@@ -491,7 +503,7 @@ def train(cfg: TrainConfig) -> dict:
     history, epochs = fit(problem, out / "checkpoints", resume=cfg.resume)
     train_seconds = time.perf_counter() - t0
     variant = get_variant(cfg.guide)
-    results = {"target": cfg.target, "guide": cfg.guide, "tasks": list(problem.composer.task_names),
+    results = {"target": cfg.target, "guide": cfg.guide, "data": problem.data_choices, "tasks": list(problem.composer.task_names),
                "kl_weight": cfg.kl_weight, "train_seconds": train_seconds,
                "selected_epoch": load_checkpoint(out / "checkpoints" / "final.pt")["epoch"],
                **evaluate(problem, "test"),

@@ -23,12 +23,14 @@ import torch.nn.functional as F
 from pyro_tvc.artifacts import (ArtifactPaths, clip_metadata, head_metadata, load_clip, load_head, save_clip,
                                 save_head)
 from pyro_tvc.checkpoints import file_sha256
-from pyro_tvc.backbones import TINY_MODEL, ZeroShotHead, create_clip, image_encoder, tokenizer_for, zero_shot_head
+from pyro_tvc.backbones import (TINY_MODEL, ZeroShotHead, create_clip, image_encoder, model_input_size, tokenizer_for,
+                                zero_shot_head)
 from pyro_tvc.data import EMBEDDED_TASKS, REAL_TASKS, TaskSplits, dataset_labels, infinite_batches, load_task
+from pyro_tvc.data.custom import is_task_path, task_name
 from pyro_tvc.data.prompts import templates_for
 from pyro_tvc.evaluation import accuracy
-from pyro_tvc.recipes import (RECIPE_KEY, canonical_json, describe_change, embedded_data_sha256, model_config_sha256,
-                              real_data_identity, recipe_sha256, same_recipe, stored_recipe)
+from pyro_tvc.recipes import (RECIPE_KEY, canonical_json, custom_data_identity, describe_change, embedded_data_sha256,
+                              model_config_sha256, real_data_identity, recipe_sha256, same_recipe, stored_recipe)
 from pyro_tvc.reporting import markdown_table
 from pyro_tvc.runtime import (atomic_write_text, check_writable_folder, progress, read_json, resolve_device,
                               seed_everything, write_json)
@@ -45,8 +47,10 @@ class PrepareConfig:
         pretrained: Local CLIP checkpoint for ``model`` (state dict, open_clip checkpoint, safetensors or OpenAI
             TorchScript file); skips pre-training.
         data_root: Folder of real data sets (torchvision layout); default: the embedded sets.
-        tasks: Tasks to prepare (embedded names, or real ones with ``data_root``), without repeats.
-        pretrain_tasks: Embedded tasks whose images pre-train the tiny theta_0 (default: ``tasks``). The demo
+        tasks: Tasks to prepare (embedded names, or real ones with ``data_root``), without repeats, or paths of
+            your own tasks (an ImageFolder tree, an .npz or a .csv; docs/custom-tasks.md), named after the folder.
+        pretrain_tasks: Embedded tasks whose images pre-train the tiny theta_0 (default: ``tasks``, or every
+            embedded task when a task is given by path, i.e. the default theta_0). The demo
             pre-trains on every embedded set but fine-tunes only its own tasks, so its theta_0, heads and vectors
             are the ones a later full ``prepare`` reuses.
         pretrain_steps: Contrastive pre-training steps of the tiny theta_0 (>= 1).
@@ -61,6 +65,8 @@ class PrepareConfig:
         quiet: No progress bars.
         rebuild: Replace a theta_0 in ``out`` that was made from other inputs (and everything built on it)
             instead of refusing.
+        skip_bad_images: Leave out unreadable files of tasks given by path (counted and printed) instead of
+            refusing them.
     """
 
     out: Path = Path("artifacts") / TINY_MODEL
@@ -80,6 +86,7 @@ class PrepareConfig:
     device: str = "auto"
     quiet: bool = False
     rebuild: bool = False
+    skip_bad_images: bool = False
 
     def validate(self) -> None:
         """Check every field before any work.
@@ -117,12 +124,29 @@ class PrepareConfig:
 
     @property
     def pretraining_tasks(self) -> list[str]:
-        return list(self.tasks if self.pretrain_tasks is None else self.pretrain_tasks)
+        if self.pretrain_tasks is not None:
+            return list(self.pretrain_tasks)
+        return list(EMBEDDED_TASKS) if any(map(is_task_path, self.tasks)) else list(self.tasks)
+
+    def names(self) -> list[str]:
+        """The tasks' names (a task by path is named after its folder or file)."""
+        return [task_name(t) if is_task_path(t) else t for t in self.tasks]
 
     def _validate_tasks(self) -> None:
         real = self.data_root is not None
-        _check_task_list("--tasks", self.tasks, list(REAL_TASKS) if real else list(EMBEDDED_TASKS),
-                         "real tasks under --data-root" if real else "embedded tasks")
+        named = [t for t in self.tasks if not is_task_path(t)]
+        if named or not self.tasks:
+            _check_task_list("--tasks", named, list(REAL_TASKS) if real else list(EMBEDDED_TASKS),
+                             "real tasks under --data-root" if real else "embedded tasks")
+        for t in self.tasks:
+            if is_task_path(t) and not Path(t).expanduser().exists():
+                raise ValueError(f"--tasks {t}: no such folder or file (a task by path is an ImageFolder tree, "
+                                 f"an .npz or a .csv)")
+            if is_task_path(t) and task_name(t) in EMBEDDED_TASKS + tuple(REAL_TASKS):
+                raise ValueError(f"--tasks {t}: its name {task_name(t)!r} is a built-in task's; rename the folder")
+        repeated = sorted({n for n in self.names() if self.names().count(n) > 1})
+        if repeated:
+            raise ValueError(f"--tasks: the names {repeated} are given more than once")
         if self.pretrain_tasks is not None:
             _check_task_list("--pretrain-tasks", self.pretrain_tasks, list(EMBEDDED_TASKS), "embedded tasks")
 
@@ -233,8 +257,11 @@ def head_recipe(clip_sha: str, task: str, classes: list[str]) -> dict:
             "templates_sha256": recipe_sha256(list(templates_for(task)))}
 
 
-def vector_recipe(cfg: PrepareConfig, theta0_sha: str, head: dict, task: str, splits: TaskSplits) -> dict:
-    if cfg.data_root is None:
+def vector_recipe(cfg: PrepareConfig, theta0_sha: str, head: dict, task: str, splits: TaskSplits,
+                  spec: str | None = None) -> dict:
+    if spec is not None and is_task_path(spec):
+        data = {"custom": custom_data_identity(spec), "max_train": cfg.max_train}
+    elif cfg.data_root is None:
         data = {"embedded_sha256": embedded_data_sha256(task), "max_train": cfg.max_train}
     else:
         data = real_data_identity(cfg.data_root, task, splits.classes,
@@ -252,14 +279,17 @@ def _note(message: str, notes: list[str]) -> None:
 
 # --- the whole pipeline -----------------------------------------------------------------------------------------
 
-def _load_splits(cfg: PrepareConfig, transform, tasks: list[str]) -> dict[str, TaskSplits]:
+def _load_splits(cfg: PrepareConfig, transform, tasks: list[str], image_size: int = 32) -> dict[str, TaskSplits]:
     """Every task's splits; an empty train or test split is refused (fine-tuning would loop on no batches).
 
     Raises:
         ValueError: naming the task, the split and the sizes found.
     """
-    kw = {} if cfg.data_root else {"max_train": cfg.max_train}
-    splits = {t: load_task(t, cfg.data_root, transform, **kw) for t in tasks}
+    splits = {t: load_task(t, cfg.data_root, transform, image_size=image_size, max_train=cfg.max_train,
+                           skip_bad_images=cfg.skip_bad_images) for t in tasks}
+    for t, s in splits.items():
+        if s.skipped:
+            print(f"prepare: {t}: skipped {s.skipped} unreadable files (--skip-bad-images)", file=sys.stderr)
     for task, s in splits.items():
         sizes = {k: len(getattr(s, k)) for k in ("train", "val", "test")}
         empty = [k for k in ("train", "test") if sizes[k] == 0]
@@ -273,6 +303,8 @@ def _load_splits(cfg: PrepareConfig, transform, tasks: list[str]) -> dict[str, T
 def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretraining,
             notes: list[str]) -> torch.nn.Module:
     recipe = theta0_recipe(cfg)
+    if paths.clip.exists() and cfg.pretrain_tasks is None and any(map(is_task_path, cfg.tasks)):
+        return load_clip(paths.clip, device)[0]  # adding your own task to prepared artefacts keeps their theta_0
     if paths.clip.exists():
         meta = clip_metadata(paths.clip)
         if recipe is None and meta.get("model") != cfg.model:
@@ -339,18 +371,20 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     if cfg.pretrained is None and cfg.model != TINY_MODEL and not paths.clip.exists():
         raise ValueError(f"--model {cfg.model} needs --pretrained FILE (only {TINY_MODEL} is pre-trained locally)")
     device = resolve_device(cfg.device)
-    check_writable_folder(paths.root)
-    seed_everything(cfg.seed)
     t_start = time.perf_counter()
     notes: list[str] = []
     splits_cache: dict[str, TaskSplits] = {}
     transform: list = [None]  # set once theta_0 exists (real data sets need the model's preprocessing)
+    size = [model_input_size(cfg.model)]  # tasks by path are decoded at the model's input size
 
     def splits(tasks: list[str] = cfg.tasks) -> dict[str, TaskSplits]:
         missing = [t for t in tasks if t not in splits_cache]
-        splits_cache.update(_load_splits(cfg, transform[0], missing) if missing else {})
+        splits_cache.update(_load_splits(cfg, transform[0], missing, size[0]) if missing else {})
         return {t: splits_cache[t] for t in tasks}  # in the order given: the pre-training pool's RNG follows it
 
+    splits([t for t in cfg.tasks if is_task_path(t)])  # your own tasks are read (and refused) before any write
+    check_writable_folder(paths.root)
+    seed_everything(cfg.seed)
     model = _theta0(cfg, paths, device, lambda: splits(cfg.pretraining_tasks), notes)
     encoder = image_encoder(model)
     if cfg.data_root is not None:
@@ -360,18 +394,18 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     clip_sha = clip_metadata(paths.clip).get("clip_sha256") or state_dict_sha256(model.state_dict())
     previous = read_json(paths.table_json) if paths.table_json.exists() else {}
     rows = {r["task"]: r for r in previous.get("rows", []) if isinstance(r, dict) and "task" in r}
-    for task in progress(cfg.tasks, cfg.quiet, desc="tasks"):
-        s = splits()[task]
+    for spec, task in progress(list(zip(cfg.tasks, cfg.names())), cfg.quiet, desc="tasks"):
+        s = splits()[spec]
         head, h_recipe = _head(cfg, paths, model, clip_sha, task, s, device, notes)
-        recipe = vector_recipe(cfg, theta0_sha, h_recipe, task, s)
+        recipe = vector_recipe(cfg, theta0_sha, h_recipe, task, s, spec)
         vector = _vector(cfg, paths, encoder, theta0, theta0_sha, head, recipe, task, s, device, notes)
         row_key = recipe_sha256({"vector": vector.meta.get(RECIPE_KEY), "source": vector.meta.get("source_sha256"),
                                  "theta0_sha256": theta0_sha, "head": h_recipe})
         if rows.get(task, {}).get("recipe_sha256") != row_key:
             rows[task] = _evaluate(encoder, head, vector, theta0, s, device) | {"recipe_sha256": row_key}
     # rows of tasks prepared earlier on this theta_0 stay in the table (a demo-sized prepare after a full one)
-    earlier = [t for t in rows if t not in cfg.tasks and _built_on(paths, t, theta0_sha)]
-    ordered = [rows[t] for t in list(cfg.tasks) + earlier]
+    earlier = [t for t in rows if t not in cfg.names() and _built_on(paths, t, theta0_sha)]
+    ordered = [rows[t] for t in cfg.names() + earlier]
     table = {
         "model": cfg.model, "theta0_sha256": theta0_sha, "config": {k: str(v) for k, v in asdict(cfg).items()},
         "rows": ordered,

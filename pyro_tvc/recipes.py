@@ -79,3 +79,21 @@ def real_data_identity(data_root: Path, task: str, classes: list[str], sizes: di
     """
     return {"root": str(Path(data_root).resolve()), "task": task, "classes_sha256": recipe_sha256(classes),
             "sizes": dict(sizes)}
+
+
+def custom_data_identity(spec) -> dict:
+    """A cheap identity of a task given by path: its resolved location and the (relative path, size, mtime) of every
+    file it reads (for a CSV, of the CSV and of the images it lists), hashed."""
+    import csv
+
+    root = Path(spec).expanduser().resolve()
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    else:
+        files = [root]
+        if root.suffix == ".csv":
+            with open(root, newline="") as fh:
+                files += [(root.parent / r["path"]).resolve() for r in csv.DictReader(fh) if r.get("path")]
+    stats = [(str(p.relative_to(root) if root.is_dir() else p), p.stat().st_size, p.stat().st_mtime_ns)
+             for p in files if p.is_file()]
+    return {"path": str(root), "files_sha256": recipe_sha256(stats)}

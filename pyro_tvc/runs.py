@@ -95,11 +95,15 @@ def run_config_record(cfg, problem) -> dict:
     """The resolved training config plus what identifies its inputs and its software."""
     from pyro_tvc.artifacts import CLIP_FORMAT, ArtifactPaths, _checked_metadata
 
+    from pyro_tvc.data.custom import is_task_path
+
     record = jsonable(cfg)
+    if is_task_path(cfg.target):
+        record["target"] = str(Path(cfg.target).expanduser().resolve())
     clip_meta = _checked_metadata(ArtifactPaths(Path(cfg.artifacts)).clip, CLIP_FORMAT, "CLIP")
     record |= {"device": str(problem.splits["train"][2].device),
                "tasks": list(problem.composer.task_names), "blocks": len(problem.composer.block_names),
-               "theta0_sha256": clip_meta.get("theta0_sha256"),
+               "theta0_sha256": clip_meta.get("theta0_sha256"), "data": getattr(problem, "data_choices", {}),
                "checkpoint_final": "final.pt", "versions": package_versions(), "git_commit": git_commit(),
                "command": recorded_command()}
     return record

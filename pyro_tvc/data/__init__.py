@@ -38,6 +38,7 @@ class TaskSplits:
     train: Dataset
     val: Dataset
     test: Dataset
+    skipped: int = 0  # unreadable files left out (tasks by path with --skip-bad-images)
 
     @property
     def num_classes(self) -> int:
@@ -170,10 +171,17 @@ def load_real(name: str, data_root: Path, transform, val_fraction: float = 0.1, 
     return TaskSplits(name, _classes(train_full), Subset(train_full, train_idx), Subset(train_full, val_idx), test)
 
 
-def load_task(name: str, data_root: Path | None = None, transform=None, **kw) -> TaskSplits:
-    """Embedded task when ``data_root`` is None, else a real one from disk."""
+def load_task(name: str, data_root: Path | None = None, transform=None, image_size: int = 32,
+              skip_bad_images: bool = False, **kw) -> TaskSplits:
+    """A task by path (:mod:`pyro_tvc.data.custom`, decoded at ``image_size``), else an embedded task when
+    ``data_root`` is None, else a real one from disk."""
+    from pyro_tvc.data.custom import is_task_path, load_custom
+
+    if is_task_path(name):
+        return load_custom(name, image_size, skip_bad_images=skip_bad_images, **kw)
     if data_root is None:
         return load_embedded(name, **kw)
+    kw.pop("max_train", None)
     return load_real(name, data_root, transform, **kw)
 
 

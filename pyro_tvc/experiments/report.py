@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pyro_tvc.experiments.config import ISSUE_TARGETS
 from pyro_tvc.methods import get_method
 
 PREDICTION_LABEL = {"single": "", "mc": " (MC)"}
@@ -100,6 +101,41 @@ def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str]) -> tuple[s
     return "\n".join(lines) + "\n", summary
 
 
+POSTERIOR_COLUMNS = [("accuracy", "accuracy %", 1, 1.0), ("nll", "NLL (nats)", 3, 1.0), ("ece", "ECE %", 1, 1.0),
+                     ("true_elbo_per_datum", "true ELBO / input", 2, 1.0),
+                     ("gate_fraction_included", "included %", 1, 100.0),
+                     ("gate_reliable_among_included", "reliable / included %", 1, 100.0),
+                     ("kl_q_p_per_input", "KL(q(·|x,y) ‖ p(·|x)) nats", 4, 1.0)]
+
+
+def posterior_table(df: pd.DataFrame, tasks: list[str]) -> tuple[str, dict]:
+    """Target composition on ``tasks``, the methods with calibration records: per (method, prediction) the mean over
+    seeds of the task-averaged accuracy, NLL and ECE, and of what the posterior learned (issue 11's table)."""
+    sub = df[(df.protocol == "target") & (df.task.isin(tasks) | (df.task == "ALL"))]
+    have = [m for m, g in sub[sub.metric == "nll"].groupby("method", sort=False) if set(tasks) <= set(g.task)]
+    if not have:
+        return "", {}
+    head = ["method"] + [h for _, h, _, _ in POSTERIOR_COLUMNS] + ["seeds"]
+    lines, summary = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], {}
+    for (m, p), g in sub[sub.method.isin(have)].groupby(["method", "prediction"], sort=False):
+        cells, entry = [label(m, p)], {}
+        for metric, _, digits, scale in POSTERIOR_COLUMNS:
+            learned = (g.task == "ALL") & (g.metric == metric)
+            if learned.any():
+                values = scale * g[learned].value.astype(float)
+            else:
+                values = scale * seed_averages(g, metric, len(tasks))["value"]
+            mean, sd, n = _mean_sd(values)
+            cells.append(_fmt(mean, sd, n, digits))
+            entry[metric] = {"mean": mean, "sd": sd, "seeds": n}
+        if not any(entry[k]["seeds"] for k in ("accuracy", "nll")):
+            continue
+        cells.append(str(entry["accuracy"]["seeds"]))
+        summary[f"{m}:{p}"] = entry
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n", summary
+
+
 TITLES = {"target": "Target composition: test accuracy %, composing the other tasks' vectors",
           "addition": "Task addition: test accuracy % of one composed model for all tasks",
           "negation": "Task negation: target test accuracy % (lower is better) with the control kept >= 95 %"}
@@ -175,5 +211,9 @@ def write_reports(records: list[dict], out: Path, cfg, ws) -> dict:
         plot_accuracy(df, protocol, out / f"accuracy_{protocol}.png")
         plot_cost(summary[protocol], protocol, out / f"cost_{protocol}.png")
         parts += [f"![accuracy per task]({'accuracy_' + protocol}.png)", ""]
+    table, summary["posterior"] = posterior_table(df, ISSUE_TARGETS)
+    if table:
+        parts += [f"## Posterior quality: target composition on {', '.join(ISSUE_TARGETS)} (task-averaged; the "
+                  f"learned quantities on the training/selection inputs; docs/inference.md)", "", table]
     (out / "table.md").write_text("\n".join(parts))
     return {"summary": summary, "markdown": "\n".join(parts)}

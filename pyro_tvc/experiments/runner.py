@@ -11,6 +11,7 @@ from pyro_tvc.experiments.config import BenchmarkConfig, full_grid
 from pyro_tvc.methods import get_method
 from pyro_tvc.protocols import get_protocol
 from pyro_tvc.protocols.addition import ALL_TASKS
+from pyro_tvc.recipes import custom_data_identity
 from pyro_tvc.runs import git_commit, jsonable, package_versions, recorded_command
 from pyro_tvc.runtime import progress, read_json, resolve_device, write_json
 
@@ -41,7 +42,8 @@ def _plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
             targets = [ALL_TASKS]
             module.tasks_for(ws, cfg.pool)
         else:
-            targets = cfg.targets or list(ws.with_heads if protocol == "target" else ws.with_vectors)
+            targets = [ws.register(t) for t in cfg.targets] if cfg.targets else list(
+                ws.with_heads if protocol == "target" else ws.with_vectors)
             for t in targets:
                 if t not in ws.with_heads:
                     raise ValueError(f"unknown target {t!r}: no prepared head in {ws.paths.root}; prepared: "
@@ -63,6 +65,8 @@ def cell_key(cfg: BenchmarkConfig, ws, cell: tuple) -> str:
     spec = {"cell": list(cell), "method_config": jsonable(cfg.method_config()), "shots": cfg.shots,
             "pool": cfg.pool, "negation_control": cfg.negation_control, "selection": cfg.selection_per_task,
             "theta0": ws.theta0_sha256, "version": 1}
+    if target in ws.custom:  # your own task: its content, not only its name
+        spec["data"] = custom_data_identity(ws.custom[target])
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{protocol}-{method}-{target}-s{seed}-{digest}"
 

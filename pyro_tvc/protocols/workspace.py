@@ -1,40 +1,23 @@
 """Prepared artefacts loaded once per benchmark, and task data encoded once per (task, seed, shots, cap).
 
 Each task's splits come with theta_0's image features (the amortized guides' input), computed once and kept in
-memory for every method and protocol of the run.
+memory for every method and protocol of the run. A target given by path (your own task) is registered under its
+name; its zero-shot head is built from its class names unless one was prepared.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head
-from pyro_tvc.backbones import image_encoder
-from pyro_tvc.data import load_embedded
+from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head, target_head
+from pyro_tvc.backbones import image_encoder, input_size
+from pyro_tvc.data.custom import is_task_path, task_name
+from pyro_tvc.data.targets import load_target
 from pyro_tvc.evaluation import encode_dataset
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
 from pyro_tvc.runtime import read_json
-
-
-def few_shot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
-    """``shots`` indices per class, drawn without replacement (seeded, stratified; aTLAS's few-shot setting).
-
-    Raises:
-        ValueError: ``shots`` < 1 or larger than the smallest class (the message names the class and its size).
-    """
-    if shots < 1:
-        raise ValueError(f"--shots must be >= 1, got {shots}")
-    rng = np.random.RandomState(seed)
-    picked = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        if len(members) < shots:
-            raise ValueError(f"--shots {shots} is larger than class {c}'s {len(members)} training images")
-        picked.append(rng.choice(members, shots, replace=False))
-    return np.sort(np.concatenate(picked))
 
 
 class Workspace:
@@ -46,8 +29,8 @@ class Workspace:
 
     def __init__(self, artifacts: Path, device: torch.device, quiet: bool = True):
         self.paths = ArtifactPaths(Path(artifacts))
-        clip, self.model_name = load_clip(self.paths.clip, device)
-        self.encoder = image_encoder(clip).requires_grad_(False)
+        self.clip, self.model_name = load_clip(self.paths.clip, device)
+        self.encoder = image_encoder(self.clip).requires_grad_(False)
         self.device, self.quiet = device, quiet
         self.with_vectors = sorted(p.stem for p in (self.paths.root / "task_vectors").glob("*.safetensors"))
         self.with_heads = sorted(p.stem for p in (self.paths.root / "heads").glob("*.safetensors"))
@@ -55,9 +38,34 @@ class Workspace:
         self.table = {r["task"]: r for r in table["rows"]}
         self.theta0_sha256 = table.get("theta0_sha256")
         self._data: dict = {}
+        self.custom: dict[str, str] = {}  # name -> path of the tasks given by path
+        self._classes: dict[str, list[str]] = {}
+        self._heads: dict = {}
+
+    def register(self, spec: str) -> str:
+        """The name of target ``spec``; a task given by path is checked (loaded once) and registered under it.
+
+        Raises:
+            ValueError: the path is not a readable task, or its name is a prepared task's other than itself.
+        """
+        if not is_task_path(spec):
+            return spec
+        name = task_name(spec)
+        self.custom[name] = spec
+        self._classes[name] = load_target(spec, image_size=input_size(self.encoder)).classes
+        if name not in self.with_heads:
+            self.with_heads = sorted(self.with_heads + [name])
+        return name
 
     def heads(self, tasks: list[str]) -> MultiHead:
-        return MultiHead([load_head(self.paths.head(t), self.device)[0] for t in tasks], tasks).to(self.device)
+        for t in tasks:
+            if t not in self._heads:
+                classes = self._classes.get(t)
+                if classes is None:  # a prepared task: its head file names its classes
+                    self._heads[t] = load_head(self.paths.head(t), self.device)[0]
+                else:
+                    self._heads[t] = target_head(self.paths, self.clip, self.model_name, t, classes, self.device)
+        return MultiHead([self._heads[t] for t in tasks], tasks).to(self.device)
 
     def bank(self, tasks: list[str]):
         return load_bank(self.paths, tasks).to(self.device)
@@ -71,13 +79,9 @@ class Workspace:
         """``{"train", "val", "test"}`` -> :class:`TaskData` with ``task_ids`` set to ``task_id``."""
         key = (task, seed, shots, max_train)
         if key not in self._data:
-            splits = load_embedded(task, seed=seed, max_train=None if shots else max_train)
+            target = load_target(self.custom.get(task, task), seed, shots, max_train, input_size(self.encoder))
             out = {}
-            for name in ("train", "val", "test"):
-                images, labels = splits_tensors(getattr(splits, name))
-                if name == "train" and shots:
-                    idx = torch.from_numpy(few_shot_indices(labels.numpy(), shots, seed))
-                    images, labels = images[idx], labels[idx]
+            for name, (images, labels) in target.splits.items():
                 feats, _ = encode_dataset(self.encoder, torch.utils.data.TensorDataset(images, labels),
                                           device=self.device)
                 out[name] = TaskData(images.to(self.device), feats.to(self.device), labels.to(self.device),
@@ -85,11 +89,6 @@ class Workspace:
             self._data[key] = out
         return {k: TaskData(v.images, v.features, v.labels, torch.full_like(v.task_ids, task_id))
                 for k, v in self._data[key].items()}
-
-
-def splits_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    images, labels = dataset.tensors
-    return images, labels
 
 
 def unlabeled(data: TaskData) -> TaskData:

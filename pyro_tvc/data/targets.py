@@ -1,0 +1,68 @@
+"""A target's labelled splits for learning a composition: embedded by name or your own by path, optionally few-shot.
+
+``train``, ``benchmark`` and the notebook all load a target through :func:`load_target`, so a task folder works
+everywhere a task name does, and ``--shots k`` means the same thing in every command.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pyro_tvc.data import load_task
+from pyro_tvc.data.custom import is_task_path, task_name
+
+
+def few_shot_indices(labels: np.ndarray, shots: int, seed: int, classes: list[str] | None = None) -> np.ndarray:
+    """``shots`` indices per class, drawn without replacement (seeded, stratified; aTLAS's few-shot setting).
+
+    Raises:
+        ValueError: ``shots`` < 1 or larger than the smallest class (the message names the class and its size).
+    """
+    if shots < 1:
+        raise ValueError(f"--shots must be >= 1, got {shots}")
+    rng = np.random.RandomState(seed)
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) < shots:
+            name = f"{c} ({classes[c]!r})" if classes is not None and c < len(classes) else str(c)
+            raise ValueError(f"--shots {shots} is larger than class {name}'s {len(members)} training images")
+        picked.append(rng.choice(members, shots, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass
+class TargetData:
+    """``name``, ``classes`` and ``splits[split] = (images [N, 3, S, S], labels [N])`` for train/val/test;
+    ``choices``: how the splits were made (shots, where val came from, skipped files), recorded in run configs."""
+
+    name: str
+    classes: list[str]
+    splits: dict
+    choices: dict = field(default_factory=dict)
+
+
+def load_target(spec: str, seed: int = 0, shots: int | None = None, max_train: int | None = None,
+                image_size: int = 32, skip_bad_images: bool = False) -> TargetData:
+    """Load a target by name (embedded) or by path (ImageFolder / .npz / .csv).
+
+    Val is carved from train before the shots are drawn (10 % of every class, seeded), so it never holds a shot;
+    when that leaves val without images (a class of 1-2 images), val is the shots themselves and ``choices`` says so.
+
+    Raises:
+        ValueError: an unreadable task (see :mod:`pyro_tvc.data.custom`), or ``shots`` larger than a class.
+    """
+    data = load_task(spec, image_size=image_size, skip_bad_images=skip_bad_images, seed=seed,
+                     max_train=None if shots else max_train)
+    splits = {k: tuple(getattr(data, k).tensors) for k in ("train", "val", "test")}
+    choices = {"shots": shots, "val_source": "held out of train", "skipped_files": data.skipped}
+    if shots:
+        images, labels = splits["train"]
+        idx = torch.from_numpy(few_shot_indices(labels.numpy(), shots, seed, data.classes))
+        splits["train"] = (images[idx], labels[idx])
+        if len(splits["val"][1]) == 0:
+            splits["val"] = splits["train"]
+            choices["val_source"] = "the shots (too few images to hold any out)"
+    return TargetData(task_name(spec) if is_task_path(spec) else spec, data.classes, splits, choices)
