@@ -1,6 +1,6 @@
 """A target's labelled splits for learning a composition: embedded by name or your own by path, optionally few-shot.
 
-``train``, ``benchmark`` and the notebook all load a target through :func:`load_target`, so a task folder works
+``train`` and ``benchmark`` load a target through :func:`load_target`, so a task folder works
 everywhere a task name does, and ``--shots k`` means the same thing in every command.
 """
 from __future__ import annotations
