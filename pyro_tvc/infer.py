@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
 from torch.utils.data import TensorDataset
 
+from pyro_tvc import distributed
 from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, prepared_tasks, target_head
 from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.compose.engine import Composer
@@ -225,7 +226,7 @@ def build_problem(cfg: TrainConfig) -> Problem:
     Raises:
         ValueError: the target, or a task of ``cfg.tasks``, has no prepared head/vector in ``cfg.artifacts``.
     """
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     paths = ArtifactPaths(Path(cfg.artifacts))
     clip, model_name = load_clip(paths.clip, device)
     encoder = image_encoder(clip)
@@ -446,12 +447,18 @@ def fit(problem: Problem, checkpoint_dir: Path | None = None, resume: bool = Fal
                    desc=f"SVI {cfg.guide} on {cfg.target}")
     stale = 0
     kill_at = int(os.environ.get("PYRO_TVC_TEST_KILL_AT_STEP", "0"))  # crash-safety tests only (tests/test_runs.py)
+    rank, size = distributed.world(problem.splits["train"][2].device)
+    checkpoint_dir = checkpoint_dir if rank == 0 else None  # rank 0 alone writes
     for epoch in range(first_epoch, cfg.epochs):
-        for idx in batches(n_train, cfg.batch_size, gen, problem.splits["train"][2].device):
+        for batch in batches(n_train, cfg.batch_size, gen, problem.splits["train"][2].device):
+            idx = distributed.shard(batch, rank, size)  # the global batch order is the same on every rank
             x, f, y = _tensors(problem, "train", idx)
             with problem.heads_for("train", idx), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Encountered NaN")  # handled just below, with a message
-                loss = svi.step(x, f, y, **problem.kwargs("train", idx))
+                if size == 1:
+                    loss = svi.step(x, f, y, **problem.kwargs("train", idx))
+                else:
+                    loss = distributed.step(svi, len(idx) / len(batch), x, f, y, **problem.kwargs("train", idx))
             if not math.isfinite(loss):
                 bar.close()
                 kept = f"the last good checkpoint is epoch{epoch}.pt" if epoch else "no checkpoint was written"
@@ -496,12 +503,17 @@ def train(cfg: TrainConfig) -> dict:
     seed_everything(cfg.seed)
     pyro.clear_param_store()
     problem = build_problem(cfg)  # every input checked before the run folder is touched
-    out = prepare_run_folder(Path(cfg.out), overwrite=cfg.overwrite, resume=cfg.resume)
-    write_json(out / "config.json", run_config_record(cfg, problem))
+    rank, size = distributed.world(problem.splits["train"][2].device)
+    out = Path(cfg.out)
+    if rank == 0:
+        out = prepare_run_folder(out, overwrite=cfg.overwrite, resume=cfg.resume)
+        write_json(out / "config.json", run_config_record(cfg, problem) | {"world_size": size})
+        (out / "checkpoints").mkdir(exist_ok=True)
     t0 = time.perf_counter()
-    (out / "checkpoints").mkdir(exist_ok=True)
     history, epochs = fit(problem, out / "checkpoints", resume=cfg.resume)
     train_seconds = time.perf_counter() - t0
+    if rank != 0:
+        return {}  # every rank holds the same parameters; rank 0 evaluates and writes
     variant = get_variant(cfg.guide)
     results = {"target": cfg.target, "guide": cfg.guide, "data": problem.data_choices, "tasks": list(problem.composer.task_names),
                "kl_weight": cfg.kl_weight, "train_seconds": train_seconds,

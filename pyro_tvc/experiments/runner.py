@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from pyro_tvc import distributed
 from pyro_tvc.experiments.config import BenchmarkConfig, full_grid
 from pyro_tvc.methods import get_method
 from pyro_tvc.protocols import get_protocol
@@ -77,32 +78,36 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     from pyro_tvc.protocols.workspace import Workspace
     from pyro_tvc.runs import prepare_run_folder
 
-    device = resolve_device(cfg.device)
+    device = distributed.local_device(resolve_device(cfg.device))
     ws = Workspace(cfg.artifacts, device, quiet=cfg.quiet)
     cells = plan(cfg, ws)  # every check before anything is written
+    rank, size = distributed.world(device)  # under torchrun the ranks share the cells; rank 0 reports
     out = Path(cfg.out)
-    if cfg.resume and not (out / "config.json").is_file():
-        out.mkdir(parents=True, exist_ok=True)  # resuming a run that died before its config: start it
-    else:
-        out = prepare_run_folder(out, overwrite=cfg.overwrite, resume=cfg.resume)
-    write_json(out / "config.json", jsonable(cfg) | {"device": str(device), "theta0_sha256": ws.theta0_sha256,
-                                                     "versions": package_versions(), "git_commit": git_commit(),
-                                                     "command": recorded_command(), "cells": len(cells)})
-    (out / "cells").mkdir(exist_ok=True)
-    records, t0 = [], time.perf_counter()
-    bar = progress(cells, quiet=cfg.quiet, desc="benchmark cells")
-    for cell in bar:
-        path = out / "cells" / f"{cell_key(cfg, ws, cell)}.json"
-        if path.is_file():
-            records += read_json(path)["records"]
-            continue
-        if cfg.report_only:
-            continue
+    if rank == 0:
+        if cfg.resume and not (out / "config.json").is_file():
+            out.mkdir(parents=True, exist_ok=True)  # resuming a run that died before its config: start it
+        else:
+            out = prepare_run_folder(out, overwrite=cfg.overwrite, resume=cfg.resume)
+        write_json(out / "config.json", jsonable(cfg) | {"device": str(device), "theta0_sha256": ws.theta0_sha256,
+                                                         "versions": package_versions(), "git_commit": git_commit(),
+                                                         "command": recorded_command(), "cells": len(cells),
+                                                         "world_size": size})
+        (out / "cells").mkdir(exist_ok=True)
+    distributed.barrier()
+    t0 = time.perf_counter()
+    paths = [out / "cells" / f"{cell_key(cfg, ws, cell)}.json" for cell in cells]
+    mine = [(c, p) for i, (c, p) in enumerate(zip(cells, paths)) if i % size == rank and not p.is_file()]
+    bar = progress(mine, quiet=cfg.quiet or rank != 0, desc="benchmark cells")
+    for cell, path in ([] if cfg.report_only else bar):
         bar.set_postfix_str("/".join(map(str, cell)), refresh=True)
         protocol, method, target, seed = cell
-        rows = get_protocol(protocol).run(ws, get_method(method), target, seed, cfg)
+        with distributed.local():  # one cell, one rank
+            rows = get_protocol(protocol).run(ws, get_method(method), target, seed, cfg)
         write_json(path, {"cell": list(cell), "records": rows})
-        records += rows
+    distributed.barrier()
+    if rank != 0:
+        return {"records": [], "tables": {"markdown": ""}, "out": out}
+    records = [r for p in paths if p.is_file() for r in read_json(p)["records"]]
     tables = write_reports(records, out, cfg, ws)
     write_json(out / "results.json", {"config": jsonable(cfg), "seconds": time.perf_counter() - t0,
                                       "records": records, "summary": tables["summary"]})

@@ -1,0 +1,90 @@
+"""Multi-process training: ``torchrun --nproc_per_node=K pyro-tvc train ...`` (docs/scale.md).
+
+Each rank reads its shard of every global minibatch (the batch order is drawn by one seeded generator, the same on
+every rank), computes the subsampled ELBO of its shard with the plate's ``num_data`` = the whole training split, and
+the ranks sum their gradients weighted by shard size / global batch size. The result is the gradient of the
+single-process estimator with the same global batch: ``(N / B) sum_i l_i`` for the per-input terms, and global terms
+(the hierarchical model's KL of ``Lambda``) counted once. This is what ``DistributedDataParallel`` does for a module,
+done on Pyro's parameter store (whose parameters are created lazily, under names, which DDP cannot wrap).
+
+The process group is initialised from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``): gloo on CPU, NCCL on CUDA. Without that environment everything here is a no-op (one process).
+Rank 0 alone writes run folders, checkpoints and results.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+from pyro import poutine
+from pyro.infer.util import zero_grads
+
+
+_LOCAL = [False]
+
+
+@contextlib.contextmanager
+def local():
+    """Inside, every rank trains alone (``world()`` is ``(0, 1)``): the benchmark gives each rank its own cells."""
+    _LOCAL[0] = True
+    try:
+        yield
+    finally:
+        _LOCAL[0] = False
+
+
+def world(device: torch.device | str = "cpu") -> tuple[int, int]:
+    """``(rank, world_size)``; initialises the process group on first use under torchrun. ``(0, 1)`` otherwise,
+    and inside :func:`local`."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or _LOCAL[0]:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if torch.device(device).type == "cuda" and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def local_device(device: torch.device) -> torch.device:
+    """Under torchrun with CUDA, this rank's GPU (``LOCAL_RANK``); the given device otherwise."""
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def shard(indices: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's share of a global minibatch (strided, so shard sizes differ by at most one)."""
+    return indices[rank::size] if size > 1 else indices
+
+
+def step(svi, weight: float, *args, **kwargs) -> float:
+    """One SVI step whose gradient is summed over the ranks, each weighted by ``weight`` (its shard's share of the
+    global batch). Returns the weighted loss summed over the ranks (the single-process loss of the global batch)."""
+    with poutine.trace(param_only=True) as capture:
+        loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    sites = sorted(capture.trace.nodes.items())  # the same order on every rank
+    params = [site["value"].unconstrained() for _, site in sites]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(weight)
+        dist.all_reduce(p.grad)
+    total = torch.tensor([loss * weight], dtype=torch.float64, device=params[0].device if params else "cpu")
+    dist.all_reduce(total)
+    svi.optim(set(params))
+    zero_grads(set(params))
+    return float(total.item())
