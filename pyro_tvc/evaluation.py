@@ -1,8 +1,11 @@
-"""Plain accuracy of an image encoder + frozen head over a split (no composition involved)."""
+"""Plain accuracy of an image encoder + frozen head over a split (no composition involved), and theta_0's features
+of a split, cached on disk."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from pyro_tvc.backbones import ZeroShotHead
 from pyro_tvc.data import iterate_batches
@@ -24,3 +27,42 @@ def accuracy(encoder: torch.nn.Module, head: ZeroShotHead, dataset: Dataset, bat
     """Top-1 accuracy in percent."""
     feats, labels = encode_dataset(encoder, dataset, batch_size, device)
     return 100.0 * (head(feats.to(device)).argmax(-1).cpu() == labels).float().mean().item()
+
+
+def encode_cached(encoder: torch.nn.Module, images: torch.Tensor, theta0_sha256: str | None,
+                  cache_dir: Path | None, device="cpu") -> torch.Tensor:
+    """theta_0's features ``[N, D]`` of ``images [N, 3, S, S]``, read from / written to ``cache_dir``.
+
+    The key is a hash of theta_0's image tower (``theta0_sha256``) and of the preprocessed pixels themselves, so the
+    data, its resolution and its preprocessing are all in it: another model, another image or another resize is a
+    miss, never a stale hit. A cache that cannot be written is skipped silently (a read-only artefacts folder);
+    without ``theta0_sha256`` or ``cache_dir`` nothing is cached.
+    """
+    import hashlib
+
+    from pyro_tvc.runtime import OutputError, atomic_output
+
+    def encode() -> torch.Tensor:
+        return encode_dataset(encoder, TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
+                              device=device)[0]
+
+    if cache_dir is None or theta0_sha256 is None:
+        return encode()
+    digest = hashlib.sha256(theta0_sha256.encode())
+    digest.update(str(tuple(images.shape)).encode())
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.pt"
+    if path.is_file():
+        try:
+            feats = torch.load(path, weights_only=True)
+            if isinstance(feats, torch.Tensor) and feats.shape[0] == len(images):
+                return feats
+        except (OSError, RuntimeError, EOFError):
+            pass  # a damaged cache file is recomputed and replaced
+    feats = encode()
+    try:
+        with atomic_output(path) as tmp:
+            torch.save(feats, tmp)
+    except (OSError, OutputError):
+        pass
+    return feats

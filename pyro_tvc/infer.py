@@ -21,15 +21,14 @@ import pyro.optim
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
-from torch.utils.data import TensorDataset
 
 from pyro_tvc import distributed
-from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, prepared_tasks, target_head
+from pyro_tvc.artifacts import ArtifactPaths, clip_metadata, load_bank, load_clip, prepared_tasks, target_head
 from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.compose.engine import Composer
 from pyro_tvc.data.custom import is_task_path, task_name
 from pyro_tvc.data.targets import TargetData, load_target
-from pyro_tvc.evaluation import encode_dataset
+from pyro_tvc.evaluation import encode_cached
 from pyro_tvc.guides import GateConfig
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.models import ClassificationLikelihood, PriorConfig
@@ -196,9 +195,11 @@ def load_target_splits(cfg: TrainConfig, encoder, device) -> tuple[dict, TargetD
     """The target's train/val/test tensors with pre-trained features ``f(x; theta_0)`` (the guide's input), and the
     loaded :class:`~pyro_tvc.data.targets.TargetData` (name, classes, how the splits were made)."""
     data = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
+    paths = ArtifactPaths(Path(cfg.artifacts))
+    theta0 = clip_metadata(paths.clip).get("theta0_sha256") if paths.clip.exists() else None
     splits = {}
     for name, (images, labels) in data.splits.items():
-        feats, _ = encode_dataset(encoder, TensorDataset(images, labels), device=device)
+        feats = encode_cached(encoder, images, theta0, paths.root / "features", device=device)
         splits[name] = (images.to(device), feats.to(device), labels.to(device))
     return splits, data
 

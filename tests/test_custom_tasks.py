@@ -147,3 +147,31 @@ def test_own_image_folder_through_prepare_train_and_benchmark(prepared, tmp_path
     df = pd.read_csv(bench / "results.csv")
     acc = df[(df.metric == "accuracy") & (df.task == "my_scans")].set_index("method")["value"]
     assert acc["atlas"] > acc["zero_shot"], acc.to_dict()
+
+
+def test_feature_cache_hits_only_for_the_same_model_and_pixels(tmp_path):
+    import torch
+
+    from pyro_tvc.evaluation import encode_cached
+
+    calls = []
+
+    class Encoder(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return x.flatten(1)[:, :4] * 2
+
+    images = torch.randn(5, 3, 4, 4)
+    first = encode_cached(Encoder(), images, "theta-A", tmp_path)
+    again = encode_cached(Encoder(), images, "theta-A", tmp_path)
+    assert calls == [5] and torch.equal(first, again) and torch.equal(first, images.flatten(1)[:, :4] * 2)
+    encode_cached(Encoder(), images, "theta-B", tmp_path)  # another theta_0: a miss
+    changed = images.clone()
+    changed[0, 0, 0, 0] += 1e-3
+    encode_cached(Encoder(), changed, "theta-A", tmp_path)  # another pixel: a miss
+    assert calls == [5, 5, 5] and len(list(tmp_path.glob("*.pt"))) == 3
+    for f in tmp_path.glob("*.pt"):
+        f.write_bytes(b"damaged")
+    for _ in range(2):
+        encode_cached(Encoder(), images, "theta-A", tmp_path)
+    assert len(calls) == 4  # the damaged file was recomputed once, then hit

@@ -14,7 +14,7 @@ from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head, t
 from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.data.custom import is_task_path, task_name
 from pyro_tvc.data.targets import load_target
-from pyro_tvc.evaluation import encode_dataset
+from pyro_tvc.evaluation import encode_cached
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
 from pyro_tvc.runtime import read_json
@@ -82,8 +82,8 @@ class Workspace:
             target = load_target(self.custom.get(task, task), seed, shots, max_train, input_size(self.encoder))
             out = {}
             for name, (images, labels) in target.splits.items():
-                feats, _ = encode_dataset(self.encoder, torch.utils.data.TensorDataset(images, labels),
-                                          device=self.device)
+                feats = encode_cached(self.encoder, images, self.theta0_sha256, self.paths.root / "features",
+                                      device=self.device)
                 out[name] = TaskData(images.to(self.device), feats.to(self.device), labels.to(self.device),
                                      torch.zeros(len(labels), dtype=torch.long, device=self.device))
             self._data[key] = out
