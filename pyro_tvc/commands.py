@@ -102,7 +102,11 @@ def run_train(cfg: TrainConfig) -> int:
     from pyro_tvc.infer import train
     from pyro_tvc.reporting import markdown_table
 
+    from pyro_tvc import distributed
+
     results = train(cfg)
+    if not distributed.is_main():
+        return 0  # rank 0 writes and prints (torchrun)
     keys = [k for k in ("zero_shot_accuracy", "mc_accuracy", "mc_accuracy_se", "gated_mc_accuracy",
                         "single_model_accuracy", "mc_nll", "single_model_nll", "exact_zero_fraction",
                         "true_elbo_per_datum", "selected_epoch", "train_seconds") if results.get(k) is not None]
@@ -133,7 +137,11 @@ def run_import(cfg: ImportConfig) -> int:
 def run_benchmark(cfg: BenchmarkConfig) -> int:
     from pyro_tvc.experiments import run_benchmark as bench
 
+    from pyro_tvc import distributed
+
     result = bench(cfg)
+    if not distributed.is_main():
+        return 0
     print(result["tables"]["markdown"])
     print(f"benchmark folder: {result['out']}")
     return 0

@@ -14,11 +14,12 @@ Rank 0 alone writes run folders, checkpoints and results.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
 import torch.distributed as dist
-from pyro import poutine
+import pyro
 from pyro.infer.util import zero_grads
 
 
@@ -43,14 +44,27 @@ def world(device: torch.device | str = "cpu") -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" and dist.is_nccl_available() else "gloo"
-        dist.init_process_group(backend=backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # a benchmark rank may wait hours at the final barrier for the others' cells; a failing rank is torn down
+        # with the others by torchrun, so a long timeout does not hide errors
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=24))
     return dist.get_rank(), dist.get_world_size()
 
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def check_batch(batch_size: int, n_train: int, size: int) -> None:
+    """Every rank must see data in the first step (Pyro creates parameters lazily, on first use).
+
+    Raises:
+        ValueError: ``--batch-size`` or the training split smaller than the number of processes.
+    """
+    if size > 1 and min(batch_size, n_train) < size:
+        raise ValueError(f"--batch-size {batch_size} with {n_train} training inputs across {size} processes: each "
+                         f"process needs at least one input per step; use a batch of >= {size}")
 
 
 def barrier() -> None:
@@ -73,11 +87,14 @@ def shard(indices: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 def step(svi, weight: float, *args, **kwargs) -> float:
     """One SVI step whose gradient is summed over the ranks, each weighted by ``weight`` (its shard's share of the
-    global batch). Returns the weighted loss summed over the ranks (the single-process loss of the global batch)."""
-    with poutine.trace(param_only=True) as capture:
+    global batch; 0 for an empty shard). Returns the weighted loss summed over the ranks (the single-process loss of
+    the global batch). Every parameter must exist already (see :func:`check_batch`)."""
+    store = pyro.get_param_store()
+    if weight > 0:
         loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
-    sites = sorted(capture.trace.nodes.items())  # the same order on every rank
-    params = [site["value"].unconstrained() for _, site in sites]
+    else:  # an empty shard (a last batch smaller than the world): contribute nothing, but join every collective
+        loss = 0.0
+    params = [p for _, p in sorted(store.named_parameters())]  # the same parameters, in one order, on every rank
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

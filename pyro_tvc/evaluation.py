@@ -50,15 +50,15 @@ def encode_cached(encoder: torch.nn.Module, images: torch.Tensor, theta0_sha256:
         return encode()
     digest = hashlib.sha256(theta0_sha256.encode())
     digest.update(str(tuple(images.shape)).encode())
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))  # no copy of the pixels
     path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.pt"
     if path.is_file():
         try:
             feats = torch.load(path, weights_only=True)
             if isinstance(feats, torch.Tensor) and feats.shape[0] == len(images):
                 return feats
-        except (OSError, RuntimeError, EOFError):
-            pass  # a damaged cache file is recomputed and replaced
+        except Exception:  # noqa: BLE001 - any unreadable cache file is recomputed and replaced
+            pass
     feats = encode()
     try:
         with atomic_output(path) as tmp:

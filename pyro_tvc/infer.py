@@ -191,10 +191,12 @@ class Problem:
             yield
 
 
-def load_target_splits(cfg: TrainConfig, encoder, device) -> tuple[dict, TargetData]:
-    """The target's train/val/test tensors with pre-trained features ``f(x; theta_0)`` (the guide's input), and the
-    loaded :class:`~pyro_tvc.data.targets.TargetData` (name, classes, how the splits were made)."""
-    data = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
+def load_target_splits(cfg: TrainConfig, encoder, device, data: TargetData | None = None) -> tuple[dict, TargetData]:
+    """The target's train/val/test tensors with pre-trained features ``f(x; theta_0)`` (the guide's input, cached in
+    the artefacts' ``features/``), and the :class:`~pyro_tvc.data.targets.TargetData` (name, classes, how the
+    splits were made; loaded here unless given)."""
+    if data is None:
+        data = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
     paths = ArtifactPaths(Path(cfg.artifacts))
     theta0 = clip_metadata(paths.clip).get("theta0_sha256") if paths.clip.exists() else None
     splits = {}
@@ -235,12 +237,13 @@ def build_problem(cfg: TrainConfig) -> Problem:
     if not is_task_path(cfg.target) and not paths.head(cfg.target).exists():
         raise ValueError(f"target {cfg.target!r} has no prepared head/vector in {paths.root}; "
                          f"prepared: {', '.join(available)}; or give your own task's folder (docs/custom-tasks.md)")
-    splits, target = load_target_splits(cfg, encoder, device)
+    target = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
     tasks = cfg.tasks or [t for t in available if t != target.name]
     unknown = [t for t in tasks if t not in available]
     if unknown or not tasks:
         raise ValueError(f"--tasks {' '.join(tasks) or '(empty)'}: need prepared task vectors; "
                          f"prepared: {', '.join(available)}")
+    splits, _ = load_target_splits(cfg, encoder, device, target)  # after every check: this may write the cache
     bank = load_bank(paths, tasks)
     head = target_head(paths, clip, model_name, target.name, target.classes, device)
     problem = make_problem(cfg, encoder, bank, head, splits, target.classes)
@@ -449,6 +452,7 @@ def fit(problem: Problem, checkpoint_dir: Path | None = None, resume: bool = Fal
     stale = 0
     kill_at = int(os.environ.get("PYRO_TVC_TEST_KILL_AT_STEP", "0"))  # crash-safety tests only (tests/test_runs.py)
     rank, size = distributed.world(problem.splits["train"][2].device)
+    distributed.check_batch(cfg.batch_size, n_train, size)
     checkpoint_dir = checkpoint_dir if rank == 0 else None  # rank 0 alone writes
     for epoch in range(first_epoch, cfg.epochs):
         for batch in batches(n_train, cfg.batch_size, gen, problem.splits["train"][2].device):

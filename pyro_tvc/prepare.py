@@ -300,10 +300,26 @@ def _load_splits(cfg: PrepareConfig, transform, tasks: list[str], image_size: in
     return splits
 
 
+def _keeps_theta0(cfg: PrepareConfig, paths: ArtifactPaths) -> bool:
+    """Adding a task by path to prepared artefacts (no --pretrained, no --pretrain-tasks) keeps their theta_0.
+
+    Raises:
+        ValueError: the prepared theta_0 is another architecture than ``--model``.
+    """
+    if not (paths.clip.exists() and cfg.pretrained is None and cfg.pretrain_tasks is None
+            and any(map(is_task_path, cfg.tasks))):
+        return False
+    stored = clip_metadata(paths.clip).get("model")
+    if stored != cfg.model:
+        raise ValueError(f"{paths.clip} holds {stored!r}, not --model {cfg.model!r}: pass --model {stored} to add "
+                         f"tasks to it, or choose another --out")
+    return True
+
+
 def _theta0(cfg: PrepareConfig, paths: ArtifactPaths, device, splits_for_pretraining,
             notes: list[str]) -> torch.nn.Module:
     recipe = theta0_recipe(cfg)
-    if paths.clip.exists() and cfg.pretrain_tasks is None and any(map(is_task_path, cfg.tasks)):
+    if _keeps_theta0(cfg, paths):
         return load_clip(paths.clip, device)[0]  # adding your own task to prepared artefacts keeps their theta_0
     if paths.clip.exists():
         meta = clip_metadata(paths.clip)
@@ -382,6 +398,7 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         splits_cache.update(_load_splits(cfg, transform[0], missing, size[0]) if missing else {})
         return {t: splits_cache[t] for t in tasks}  # in the order given: the pre-training pool's RNG follows it
 
+    _keeps_theta0(cfg, paths)  # refuses another architecture before anything is read at the wrong size
     splits([t for t in cfg.tasks if is_task_path(t)])  # your own tasks are read (and refused) before any write
     check_writable_folder(paths.root)
     seed_everything(cfg.seed)

@@ -48,7 +48,7 @@ def test_benchmark_writes_tidy_records_tables_and_plots(bench, prepared):
     for metric, low, high in (("nll", 0.0, 20.0), ("ece", 0.0, 100.0)):
         v = tg[tg.metric == metric]
         assert set(v.method) == set(target.method) and v.value.between(low, high).all(), metric
-    learned = df[(df.protocol == "target") & (df.method == "vtvc_gated") & (df.task == "ALL")]
+    learned = df[(df.protocol == "target") & (df.method == "vtvc_gated") & (df.task == "digits")]
     got = dict(zip(learned.metric, learned.value))
     assert got["true_elbo_per_datum"] < 0 and 1 <= got["selected_epoch"] <= 1
     assert 0 <= got["gate_fraction_reliable"] <= 1 and 0 <= got["gate_fraction_included"] <= 1

@@ -175,3 +175,31 @@ def test_feature_cache_hits_only_for_the_same_model_and_pixels(tmp_path):
     for _ in range(2):
         encode_cached(Encoder(), images, "theta-A", tmp_path)
     assert len(calls) == 4  # the damaged file was recomputed once, then hit
+
+
+def test_more_bad_layouts_and_a_seed_independent_test_split(tmp_path):
+    flat = tmp_path / "flat"
+    for c in range(2):
+        (flat / f"c{c}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8), 20 * i + c, np.uint8)).save(flat / f"c{c}" / f"{i}.png")
+    a, b = load_custom(flat, 8, seed=0), load_custom(flat, 8, seed=5)
+    assert torch_equal(a.test.tensors[0], b.test.tensors[0])  # the test split never moves with the run's seed
+    no_test = write_image_folder(tmp_path / "imagenet_style", {"train": 2, "test": 2}, classes_kept=2)
+    (no_test / "test").rename(no_test / "val")
+    with pytest.raises(CustomTaskError, match="expected train/ and test/"):
+        load_custom(no_test, 32)
+    only_test = tmp_path / "only_test.csv"
+    only_test.write_text(f"path,label,split\n{next(no_test.rglob('*.png'))},x,test\n")
+    with pytest.raises(CustomTaskError, match="no train rows"):
+        load_custom(only_test, 32)
+    np.savez(tmp_path / "bad.npz", classes=np.array(["a", "b"]), train_images=np.zeros((2, 8, 8), np.uint8),
+             train_labels=np.array([0, 2]), test_images=np.zeros((1, 8, 8), np.uint8), test_labels=np.array([0]))
+    with pytest.raises(CustomTaskError, match=r"train_labels must be 2 integers in \[0, 2\)"):
+        load_custom(tmp_path / "bad.npz", 8)
+
+
+def torch_equal(x, y):
+    import torch
+
+    return torch.equal(x, y)

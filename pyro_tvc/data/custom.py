@@ -28,6 +28,7 @@ from torch.utils.data import TensorDataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
+TEST_SPLIT_SEED = 0  # the test split never depends on a run's seed (a vector fine-tuned by prepare never sees it)
 
 
 class CustomTaskError(ValueError):
@@ -129,8 +130,12 @@ def _stratified_test(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
 
 
-def _from_folder(root: Path, reader: _Reader, seed: int) -> tuple[list[str], dict]:
-    if (root / "train").is_dir() and (root / "test").is_dir():
+def _from_folder(root: Path, reader: _Reader) -> tuple[list[str], dict]:
+    given = [s for s in SPLITS if (root / s).is_dir()]
+    if given and given != ["train", "test"] and set(given) != set(SPLITS):
+        raise CustomTaskError(f"{root}: has {'/, '.join(given)}/ folders; expected train/ and test/ (and optionally "
+                              f"val/) above the class folders, or class folders only")
+    if given:
         classes, items = _folder_items(root / "train", None)
         arrays = {"train": reader.read(items, str(root / "train"))}
         for split in ("val", "test"):
@@ -139,16 +144,20 @@ def _from_folder(root: Path, reader: _Reader, seed: int) -> tuple[list[str], dic
         return classes, arrays
     classes, items = _folder_items(root, None)
     images, labels = reader.read(items, str(root))
-    train_idx, test_idx = _stratified_test(labels, 0.2, seed)
+    train_idx, test_idx = _stratified_test(labels, 0.2, TEST_SPLIT_SEED)
     return classes, {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
 
 
 def _from_csv(path: Path, reader: _Reader) -> tuple[list[str], dict]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
         rows = list(csv.DictReader(fh))
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise CustomTaskError(f"{path}: expected a header with 'path' and 'label' columns (and optionally 'split'), "
                               f"got {list(rows[0]) if rows else 'no rows'}")
+    for line, r in enumerate(rows, start=2):
+        if not (r.get("path") or "").strip() or not (r.get("label") or "").strip():
+            raise CustomTaskError(f"{path}, line {line}: empty 'path' or 'label'")
+        r["label"] = r["label"].strip()
     classes = sorted({r["label"] for r in rows})
     per_split: dict[str, list] = {}
     for line, r in enumerate(rows, start=2):
@@ -160,10 +169,12 @@ def _from_csv(path: Path, reader: _Reader) -> tuple[list[str], dict]:
         if split not in SPLITS:
             raise CustomTaskError(f"{path}, line {line}: split {split!r}; expected one of {', '.join(SPLITS)}")
         per_split.setdefault(split, []).append((file, classes.index(r["label"])))
+    if "train" not in per_split:
+        raise CustomTaskError(f"{path}: no train rows (rows without a 'split' value are train)")
     arrays = {s: reader.read(items, f"{path} ({s} rows)") for s, items in per_split.items()}
     if "test" not in arrays:
         labels = arrays["train"][1]
-        train_idx, test_idx = _stratified_test(labels, 0.2, 0)
+        train_idx, test_idx = _stratified_test(labels, 0.2, TEST_SPLIT_SEED)
         images = arrays["train"][0]
         arrays["train"], arrays["test"] = (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
     return classes, arrays
@@ -175,8 +186,16 @@ def _from_npz(path: Path) -> tuple[list[str], dict]:
         missing = [k for k in need if k not in d]
         if missing:
             raise CustomTaskError(f"{path}: missing arrays {missing}; expected {list(need)} (the embedded format)")
-        return [str(c) for c in d["classes"]], {s: (d[f"{s}_images"], d[f"{s}_labels"].astype(np.int64))
-                                                 for s in ("train", "test")}
+        classes, arrays = [str(c) for c in d["classes"]], {}
+        for s in ("train", "test"):
+            x, y = d[f"{s}_images"], d[f"{s}_labels"]
+            if x.dtype != np.uint8 or x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] != 3):
+                raise CustomTaskError(f"{path}: {s}_images has dtype {x.dtype} and shape {x.shape}; expected uint8 "
+                                      f"[N, H, W] or [N, H, W, 3]")
+            if len(y) != len(x) or (len(y) and (y.min() < 0 or y.max() >= len(classes))):
+                raise CustomTaskError(f"{path}: {s}_labels must be {len(x)} integers in [0, {len(classes)})")
+            arrays[s] = (x, y.astype(np.int64))
+        return classes, arrays
 
 
 def _resized(images: np.ndarray, size: int) -> np.ndarray:
@@ -205,7 +224,7 @@ def load_custom(spec: str | Path, image_size: int, val_fraction: float = 0.1, se
         raise CustomTaskError(f"{spec}: no such folder or file; expected an ImageFolder tree, an .npz or a .csv")
     reader = _Reader(image_size, skip_bad_images)
     if path.is_dir():
-        classes, arrays = _from_folder(path, reader, seed)
+        classes, arrays = _from_folder(path, reader)
     elif path.suffix == ".csv":
         classes, arrays = _from_csv(path, reader)
     elif path.suffix == ".npz":

@@ -12,6 +12,7 @@ from pyro_tvc.experiments.config import BenchmarkConfig, full_grid
 from pyro_tvc.methods import get_method
 from pyro_tvc.protocols import get_protocol
 from pyro_tvc.protocols.addition import ALL_TASKS
+from pyro_tvc.protocols.common import LEARNED_METRICS
 from pyro_tvc.recipes import custom_data_identity
 from pyro_tvc.runs import git_commit, jsonable, package_versions, recorded_command
 from pyro_tvc.runtime import progress, read_json, resolve_device, write_json
@@ -72,6 +73,14 @@ def cell_key(cfg: BenchmarkConfig, ws, cell: tuple) -> str:
     return f"{protocol}-{method}-{target}-s{seed}-{digest}"
 
 
+def _relabelled(cell: tuple, rows: list[dict]) -> list[dict]:
+    """Cells written before the learned scalars carried their target's name (task ``ALL``) get it here."""
+    protocol, _, target, _ = cell
+    if protocol != "target":
+        return rows
+    return [r | {"task": target} if r["task"] == "ALL" and r["metric"] in LEARNED_METRICS else r for r in rows]
+
+
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """Run (or resume) the benchmark into ``cfg.out``; returns ``{"records": [...], "tables": {...}}``."""
     from pyro_tvc.experiments.report import write_reports
@@ -107,7 +116,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     distributed.barrier()
     if rank != 0:
         return {"records": [], "tables": {"markdown": ""}, "out": out}
-    records = [r for p in paths if p.is_file() for r in read_json(p)["records"]]
+    records = [r for cell, p in zip(cells, paths) if p.is_file() for r in _relabelled(cell, read_json(p)["records"])]
     tables = write_reports(records, out, cfg, ws)
     write_json(out / "results.json", {"config": jsonable(cfg), "seconds": time.perf_counter() - t0,
                                       "records": records, "summary": tables["summary"]})

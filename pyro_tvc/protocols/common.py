@@ -10,7 +10,8 @@ from pyro_tvc.diagnostics.summaries import expected_calibration_error
 from pyro_tvc.methods.base import FitResult, TaskData, per_task_accuracy
 
 # what a method learned that the tables report (FitResult.learned keys; docs/glossary.md)
-LEARNED_METRICS = ("true_elbo_per_datum", "gate_fraction_pruned", "gate_fraction_reliable", "gate_fraction_included",
+LEARNED_METRICS = ("true_elbo_per_datum", "gate_fraction_pruned", "gate_fraction_reliable", "gate_fraction_sampled",
+                   "gate_fraction_included",
                    "gate_reliable_among_included", "kl_q_p_per_input", "selected_epoch")
 
 
@@ -22,13 +23,15 @@ def record(protocol, method, prediction, task, seed, metric, value) -> dict:
 def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test: TaskData,
                  task_names: list[str], tasks_to_report: list[str] | None = None) -> list[dict]:
     """Accuracy (%), NLL (nats) and ECE (%) per task, exact-zero fraction and inference time per test input (ms) of
-    every prediction of ``result``; plus, under task ``ALL`` and the main prediction, the fit's train time (s) and
-    the scalars of :data:`LEARNED_METRICS` that the method reports."""
+    every prediction of ``result``; plus, for the main prediction, the fit's train time (s, task ``ALL``) and the
+    scalars of :data:`LEARNED_METRICS` that the method reports (under the target's name when the fit has one
+    reported task, else ``ALL``)."""
     main = next(iter(result.predictors))
     rows = [record(protocol, method, main, "ALL", seed, "train_seconds", result.train_seconds)]
-    rows += [record(protocol, method, main, "ALL", seed, k, result.learned[k]) for k in LEARNED_METRICS
-             if isinstance(result.learned.get(k), (int, float))]
     report = tasks_to_report or task_names
+    learned_on = report[0] if len(report) == 1 else "ALL"  # the one target a fit learned on, when there is one
+    rows += [record(protocol, method, main, learned_on, seed, k, result.learned[k]) for k in LEARNED_METRICS
+             if isinstance(result.learned.get(k), (int, float))]
     for kind, predictor in result.predictors.items():
         t0 = time.perf_counter()
         with torch.no_grad():

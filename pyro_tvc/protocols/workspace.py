@@ -12,12 +12,15 @@ import torch
 
 from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head, target_head
 from pyro_tvc.backbones import image_encoder, input_size
+from pyro_tvc.data import EMBEDDED_TASKS
 from pyro_tvc.data.custom import is_task_path, task_name
 from pyro_tvc.data.targets import load_target
 from pyro_tvc.evaluation import encode_cached
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
+from pyro_tvc.recipes import stored_recipe
 from pyro_tvc.runtime import read_json
+from pyro_tvc.task_vectors import TaskVector
 
 
 class Workspace:
@@ -41,6 +44,10 @@ class Workspace:
         self.custom: dict[str, str] = {}  # name -> path of the tasks given by path
         self._classes: dict[str, list[str]] = {}
         self._heads: dict = {}
+        for name in self.with_vectors:  # tasks prepared by path: their data is where prepare read it
+            path = prepared_task_path(self.paths, name)
+            if path is not None:
+                self.custom[name] = path
 
     def register(self, spec: str) -> str:
         """The name of target ``spec``; a task given by path is checked (loaded once) and registered under it.
@@ -51,8 +58,15 @@ class Workspace:
         if not is_task_path(spec):
             return spec
         name = task_name(spec)
+        if self.custom.get(name, spec) != spec:
+            raise ValueError(f"--targets {spec} and {self.custom[name]} share the name {name!r}; rename one folder")
+        if name in EMBEDDED_TASKS:
+            raise ValueError(f"--targets {spec}: its name {name!r} is a built-in task's; rename the folder")
+        classes = load_target(spec, image_size=input_size(self.encoder)).classes
+        if name in self.with_heads:  # prepared under this name: it must be the same task
+            target_head(self.paths, self.clip, self.model_name, name, classes, self.device)
         self.custom[name] = spec
-        self._classes[name] = load_target(spec, image_size=input_size(self.encoder)).classes
+        self._classes[name] = classes
         if name not in self.with_heads:
             self.with_heads = sorted(self.with_heads + [name])
         return name
@@ -89,6 +103,14 @@ class Workspace:
             self._data[key] = out
         return {k: TaskData(v.images, v.features, v.labels, torch.full_like(v.task_ids, task_id))
                 for k, v in self._data[key].items()}
+
+
+def prepared_task_path(paths: ArtifactPaths, name: str) -> str | None:
+    """Where ``prepare`` read the task ``name`` when it was given by path (its vector's recipe records it)."""
+    if name in EMBEDDED_TASKS:
+        return None
+    recipe = stored_recipe(TaskVector.load(paths.task_vector(name)).meta) or {}
+    return ((recipe.get("data") or {}).get("custom") or {}).get("path")
 
 
 def unlabeled(data: TaskData) -> TaskData:
