@@ -453,6 +453,8 @@ def fit(problem: Problem, checkpoint_dir: Path | None = None, resume: bool = Fal
     kill_at = int(os.environ.get("PYRO_TVC_TEST_KILL_AT_STEP", "0"))  # crash-safety tests only (tests/test_runs.py)
     rank, size = distributed.world(problem.splits["train"][2].device)
     distributed.check_batch(cfg.batch_size, n_train, size)
+    if size > 1 and last is None:
+        torch.manual_seed(cfg.seed + 7919 * rank)  # independent posterior draws per rank (the batches stay shared)
     checkpoint_dir = checkpoint_dir if rank == 0 else None  # rank 0 alone writes
     for epoch in range(first_epoch, cfg.epochs):
         for batch in batches(n_train, cfg.batch_size, gen, problem.splits["train"][2].device):
