@@ -61,6 +61,8 @@ class DemoConfig:
         max_train: Cap on training images per task.
         eval_samples: Posterior draws of the Monte-Carlo predictions.
         adamerging_steps: AdaMerging's test-time steps (demo size; the paper's 500 in ``benchmark``).
+        pretrain_steps: prepare's pre-training steps of theta_0 (as ``prepare --pretrain-steps``).
+        finetune_steps: prepare's fine-tuning steps per task (as ``prepare --finetune-steps``).
         diagnose_target: Target of the VTVC run whose posterior is diagnosed.
         device: auto (CUDA when present), cpu or cuda[:i].
         quiet: No progress bars.
@@ -76,6 +78,8 @@ class DemoConfig:
     max_train: int = 500
     eval_samples: int = 4
     adamerging_steps: int = 100
+    pretrain_steps: int = 150
+    finetune_steps: int = 300
     diagnose_target: str = "mnist"
     device: str = "auto"
     quiet: bool = False
@@ -152,6 +156,7 @@ def run_demo(cfg: DemoConfig) -> int:
     from pyro_tvc.prepare import PrepareConfig
 
     run_prepare(PrepareConfig(out=cfg.artifacts, tasks=list(cfg.tasks), pretrain_tasks=list(EMBEDDED_TASKS),
+                              pretrain_steps=cfg.pretrain_steps, finetune_steps=cfg.finetune_steps,
                               device=cfg.device, quiet=cfg.quiet))
     bench = BenchmarkConfig(artifacts=cfg.artifacts, out=cfg.out / "benchmark", protocols=["target", "addition"],
                             methods=cfg.methods, targets=cfg.targets, pool=list(cfg.tasks), seeds=[cfg.seed],

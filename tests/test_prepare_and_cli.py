@@ -188,3 +188,27 @@ def test_demo_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists() and not (tmp_path / "art").exists()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_at_tiny_scale(tmp_path, capsys):
+    """The README's main command, shrunk: prepare (5 tasks on a theta_0 of all 9), both tables, a diagnosed run."""
+    art, out = tmp_path / "art", tmp_path / "demo"
+    code = main(["demo", "--artifacts", str(art), "--out", str(out), "--pretrain-steps", "3", "--finetune-steps", "3",
+                 "--max-train", "48", "--epochs", "1", "--eval-samples", "2", "--adamerging-steps", "2", "--methods",
+                 "zero_shot", "task_arithmetic", "vtvc_gated", "--quiet", "--device", "cpu"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Target composition" in printed and "Task addition" in printed
+    assert sorted(p.stem for p in (art / "task_vectors").glob("*.safetensors")) == sorted(
+        ["mnist", "fashion_mnist", "digits", "eurosat5", "resisc45_12"])
+    from pyro_tvc.artifacts import clip_metadata
+
+    clip_recipe = json.loads(clip_metadata(art / "clip.safetensors")["recipe"])
+    assert len(clip_recipe["pretrain_tasks"]) == 9  # the full prepare's theta_0
+    assert (out / "vtvc-mnist" / "diagnostics" / "index.md").exists()
+    import pandas as pd
+
+    df = pd.read_csv(out / "benchmark" / "results.csv")
+    assert set(df[df.protocol == "addition"].task) - {"ALL"} == {"mnist", "fashion_mnist", "digits", "eurosat5",
+                                                                  "resisc45_12"}
