@@ -235,8 +235,9 @@ def build_problem(cfg: TrainConfig) -> Problem:
     encoder = image_encoder(clip)
     available = prepared_tasks(paths)
     if not is_task_path(cfg.target) and not paths.head(cfg.target).exists():
+        hint = f"./{cfg.target}" if Path(cfg.target).exists() else "its path"
         raise ValueError(f"target {cfg.target!r} has no prepared head/vector in {paths.root}; "
-                         f"prepared: {', '.join(available)}; or give your own task's folder (docs/custom-tasks.md)")
+                         f"prepared: {', '.join(available)}; for your own task give {hint} (docs/custom-tasks.md)")
     target = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
     tasks = cfg.tasks or [t for t in available if t != target.name]
     unknown = [t for t in tasks if t not in available]
