@@ -130,7 +130,7 @@ def converged_section() -> list[str]:
         parts.append(f"* NLL (nats, mean over targets and seeds): conditional gated {fmt(cg['nll']['mean'], 3)}, "
                      f"meta-net {fmt(mn['nll']['mean'], 3)}; true ELBO per input "
                      f"{fmt(cg['true_elbo_per_datum']['mean'], 2)}; its gate marks "
-                     f"{fmt(100 * cg['gate_reliable_among_included']['mean'])} % of the included coefficients "
+                     f"{fmt(cg['gate_reliable_among_included']['mean'])} % of the included coefficients "
                      f"reliable (target >= 25 %); the label moves the posterior by "
                      f"KL(q(.|x,y) || p(.|x)) = {fmt(cg['kl_q_p_per_input']['mean'], 4)} nats per input.")
     gv = load("benchmarks/results/gradient_variance_conditional_gated.json")
