@@ -103,6 +103,13 @@ def save_head(head: ZeroShotHead, classes: list[str], path: Path, recipe: dict |
     atomic_save_safetensors({"weight": head.weight}, path, meta)
 
 
+def vector_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a saved task vector (without loading its tensors)."""
+    from pyro_tvc.task_vectors import FORMAT
+
+    return _checked_metadata(path, FORMAT, "task vector")
+
+
 def head_metadata(path: Path) -> dict[str, str]:
     return _checked_metadata(path, HEAD_FORMAT, "head")
 

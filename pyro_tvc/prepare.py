@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_tvc.artifacts import (ArtifactPaths, clip_metadata, head_metadata, load_clip, load_head, save_clip,
-                                save_head)
+                                save_head, vector_metadata)
 from pyro_tvc.checkpoints import file_sha256
 from pyro_tvc.backbones import (TINY_MODEL, ZeroShotHead, create_clip, image_encoder, model_input_size, tokenizer_for,
                                 zero_shot_head)
@@ -443,7 +443,7 @@ def _built_on(paths: ArtifactPaths, task: str, theta0_sha: str) -> bool:
     path = paths.task_vector(task)
     if not path.exists():
         return False
-    meta = TaskVector.load(path).meta
+    meta = vector_metadata(path)
     return (stored_recipe(meta) or {}).get("theta0_sha256", meta.get("theta0_sha256")) == theta0_sha
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head, target_head
+from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head, target_head, vector_metadata
 from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.data import EMBEDDED_TASKS
 from pyro_tvc.data.custom import is_task_path, task_name
@@ -20,7 +20,6 @@ from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
 from pyro_tvc.recipes import stored_recipe
 from pyro_tvc.runtime import read_json
-from pyro_tvc.task_vectors import TaskVector
 
 
 class Workspace:
@@ -109,7 +108,7 @@ def prepared_task_path(paths: ArtifactPaths, name: str) -> str | None:
     """Where ``prepare`` read the task ``name`` when it was given by path (its vector's recipe records it)."""
     if name in EMBEDDED_TASKS:
         return None
-    recipe = stored_recipe(TaskVector.load(paths.task_vector(name)).meta) or {}
+    recipe = stored_recipe(vector_metadata(paths.task_vector(name))) or {}
     return ((recipe.get("data") or {}).get("custom") or {}).get("path")
 
 
