@@ -66,3 +66,11 @@ def encode_cached(encoder: torch.nn.Module, images: torch.Tensor, theta0_sha256:
     except (OSError, OutputError):
         pass
     return feats
+
+
+def encode_target(encoder: torch.nn.Module, splits: dict, theta0_sha256: str | None, cache_dir: Path | None,
+                  device="cpu") -> dict:
+    """``{split: (images, features, labels)}`` on ``device`` for ``splits = {split: (images, labels)}``
+    (:attr:`pyro_tvc.data.targets.TargetData.splits`), the features through :func:`encode_cached`."""
+    return {name: (images.to(device), encode_cached(encoder, images, theta0_sha256, cache_dir, device).to(device),
+                   labels.to(device)) for name, (images, labels) in splits.items()}

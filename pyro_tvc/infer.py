@@ -27,8 +27,8 @@ from pyro_tvc.artifacts import ArtifactPaths, clip_metadata, load_bank, load_cli
 from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.compose.engine import Composer
 from pyro_tvc.data.custom import is_task_path, task_name
-from pyro_tvc.data.targets import TargetData, load_target
-from pyro_tvc.evaluation import encode_cached
+from pyro_tvc.data.targets import load_target
+from pyro_tvc.evaluation import encode_target
 from pyro_tvc.guides import GateConfig
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.models import ClassificationLikelihood, PriorConfig
@@ -191,21 +191,6 @@ class Problem:
             yield
 
 
-def load_target_splits(cfg: TrainConfig, encoder, device, data: TargetData | None = None) -> tuple[dict, TargetData]:
-    """The target's train/val/test tensors with pre-trained features ``f(x; theta_0)`` (the guide's input, cached in
-    the artefacts' ``features/``), and the :class:`~pyro_tvc.data.targets.TargetData` (name, classes, how the
-    splits were made; loaded here unless given)."""
-    if data is None:
-        data = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
-    paths = ArtifactPaths(Path(cfg.artifacts))
-    theta0 = clip_metadata(paths.clip).get("theta0_sha256") if paths.clip.exists() else None
-    splits = {}
-    for name, (images, labels) in data.splits.items():
-        feats = encode_cached(encoder, images, theta0, paths.root / "features", device=device)
-        splits[name] = (images.to(device), feats.to(device), labels.to(device))
-    return splits, data
-
-
 def make_problem(cfg: TrainConfig, encoder, bank, head, splits: dict, classes: list[str],
                  task_ids: dict | None = None) -> Problem:
     """Assemble a :class:`Problem` from loaded pieces (the benchmark reuses one encoding for many methods)."""
@@ -244,7 +229,9 @@ def build_problem(cfg: TrainConfig) -> Problem:
     if unknown or not tasks:
         raise ValueError(f"--tasks {' '.join(tasks) or '(empty)'}: need prepared task vectors; "
                          f"prepared: {', '.join(available)}")
-    splits, _ = load_target_splits(cfg, encoder, device, target)  # after every check: this may write the cache
+    theta0 = clip_metadata(paths.clip).get("theta0_sha256")
+    # after every check: this may write the feature cache
+    splits = encode_target(encoder, target.splits, theta0, paths.root / "features", device)
     bank = load_bank(paths, tasks)
     head = target_head(paths, clip, model_name, target.name, target.classes, device)
     problem = make_problem(cfg, encoder, bank, head, splits, target.classes)

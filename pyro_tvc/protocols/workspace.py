@@ -15,7 +15,7 @@ from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.data import EMBEDDED_TASKS
 from pyro_tvc.data.custom import is_task_path, task_name
 from pyro_tvc.data.targets import load_target
-from pyro_tvc.evaluation import encode_cached
+from pyro_tvc.evaluation import encode_target
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
 from pyro_tvc.recipes import stored_recipe
@@ -41,7 +41,6 @@ class Workspace:
         self.theta0_sha256 = table.get("theta0_sha256")
         self._data: dict = {}
         self.custom: dict[str, str] = {}  # name -> path of the tasks given by path
-        self._classes: dict[str, list[str]] = {}
         self._heads: dict = {}
         for name in self.with_vectors:  # tasks prepared by path: their data is where prepare read it
             path = prepared_task_path(self.paths, name)
@@ -62,22 +61,17 @@ class Workspace:
         if name in EMBEDDED_TASKS:
             raise ValueError(f"--targets {spec}: its name {name!r} is a built-in task's; rename the folder")
         classes = load_target(spec, image_size=input_size(self.encoder)).classes
-        if name in self.with_heads:  # prepared under this name: it must be the same task
-            target_head(self.paths, self.clip, self.model_name, name, classes, self.device)
+        # the prepared head under this name (refused if its classes differ), or one built from the class names
+        self._heads[name] = target_head(self.paths, self.clip, self.model_name, name, classes, self.device)
         self.custom[name] = spec
-        self._classes[name] = classes
         if name not in self.with_heads:
             self.with_heads = sorted(self.with_heads + [name])
         return name
 
     def heads(self, tasks: list[str]) -> MultiHead:
         for t in tasks:
-            if t not in self._heads:
-                classes = self._classes.get(t)
-                if classes is None:  # a prepared task: its head file names its classes
-                    self._heads[t] = load_head(self.paths.head(t), self.device)[0]
-                else:
-                    self._heads[t] = target_head(self.paths, self.clip, self.model_name, t, classes, self.device)
+            if t not in self._heads:  # a prepared task (registered targets have theirs already)
+                self._heads[t] = load_head(self.paths.head(t), self.device)[0]
         return MultiHead([self._heads[t] for t in tasks], tasks).to(self.device)
 
     def bank(self, tasks: list[str]):
@@ -93,13 +87,9 @@ class Workspace:
         key = (task, seed, shots, max_train)
         if key not in self._data:
             target = load_target(self.custom.get(task, task), seed, shots, max_train, input_size(self.encoder))
-            out = {}
-            for name, (images, labels) in target.splits.items():
-                feats = encode_cached(self.encoder, images, self.theta0_sha256, self.paths.root / "features",
-                                      device=self.device)
-                out[name] = TaskData(images.to(self.device), feats.to(self.device), labels.to(self.device),
-                                     torch.zeros(len(labels), dtype=torch.long, device=self.device))
-            self._data[key] = out
+            encoded = encode_target(self.encoder, target.splits, self.theta0_sha256, self.paths.root / "features",
+                                    self.device)
+            self._data[key] = {name: TaskData(x, f, y, torch.zeros_like(y)) for name, (x, f, y) in encoded.items()}
         return {k: TaskData(v.images, v.features, v.labels, torch.full_like(v.task_ids, task_id))
                 for k, v in self._data[key].items()}
 
