@@ -127,11 +127,14 @@ def image_encoder(model: nn.Module) -> nn.Module:
 
 def model_input_size(model_name: str) -> int:
     """Input side in pixels of an open_clip architecture (its config's ``vision_cfg.image_size``; 224 if absent)."""
-    size = ((open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}).get("image_size", 224)
-    return int(size[0] if isinstance(size, (tuple, list)) else size)
+    return _side(((open_clip.get_model_config(model_name) or {}).get("vision_cfg") or {}).get("image_size", 224))
 
 
 def input_size(encoder: nn.Module) -> int:
     """Side of the square input the image tower expects, in pixels (open_clip's ``visual.image_size``)."""
-    size = getattr(encoder, "image_size", 224)
+    return _side(getattr(encoder, "image_size", 224))
+
+
+def _side(size) -> int:
+    """open_clip gives an image size as an int or an (H, W) pair; pyro-tvc's inputs are square."""
     return int(size[0] if isinstance(size, (tuple, list)) else size)

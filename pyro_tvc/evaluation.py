@@ -74,3 +74,8 @@ def encode_target(encoder: torch.nn.Module, splits: dict, theta0_sha256: str | N
     (:attr:`pyro_tvc.data.targets.TargetData.splits`), the features through :func:`encode_cached`."""
     return {name: (images.to(device), encode_cached(encoder, images, theta0_sha256, cache_dir, device).to(device),
                    labels.to(device)) for name, (images, labels) in splits.items()}
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log predictive probability of the true label (nats); probabilities floored at 1e-12."""
+    return -probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().mean().item()

@@ -19,7 +19,6 @@ from pathlib import Path
 import pyro
 import pyro.optim
 import torch
-import torch.nn.functional as F
 from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
 
 from pyro_tvc import distributed
@@ -28,7 +27,7 @@ from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.compose.engine import Composer
 from pyro_tvc.data.custom import is_task_path, task_name
 from pyro_tvc.data.targets import load_target
-from pyro_tvc.evaluation import encode_target
+from pyro_tvc.evaluation import encode_target, nll
 from pyro_tvc.guides import GateConfig
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.models import ClassificationLikelihood, PriorConfig
@@ -340,7 +339,6 @@ def evaluate(problem: Problem, split: str = "test") -> dict:
     ungated posterior (the gated one too when the guide has a gate); single-model = ``guide.point_estimate``."""
     variant = get_variant(problem.cfg.guide)
     y = problem.splits[split][2]
-    nll = lambda p: F.nll_loss(p.clamp_min(1e-12).log(), y).item()  # noqa: E731
     point, coefs = point_predictions(problem, split)
     out = {"zero_shot_accuracy": zero_shot_accuracy(problem, split)}
     if not variant.point_only:
@@ -349,7 +347,7 @@ def evaluate(problem: Problem, split: str = "test") -> dict:
         pyro.set_rng_seed(problem.cfg.seed)
         probs = predictive_probs(problem, split, problem.cfg.eval_samples)
         acc, se = mc_accuracy_with_se(probs, y)
-        out |= {"mc_accuracy": acc, "mc_accuracy_se": se, "mc_nll": nll(probs.mean(0)),
+        out |= {"mc_accuracy": acc, "mc_accuracy_se": se, "mc_nll": nll(probs.mean(0), y),
                 "mc_samples": problem.cfg.eval_samples}
         if variant.has_gate:
             torch.manual_seed(problem.cfg.seed)
@@ -357,7 +355,7 @@ def evaluate(problem: Problem, split: str = "test") -> dict:
             out["gated_mc_accuracy"] = 100.0 * (predictive_probs(problem, split, problem.cfg.eval_samples, gated=True)
                                                 .mean(0).argmax(-1) == y).float().mean().item()
     out |= {"single_model_accuracy": 100.0 * (point.argmax(-1) == y).float().mean().item(),
-            "single_model_nll": nll(point), "exact_zero_fraction": (coefs == 0).float().mean().item()}
+            "single_model_nll": nll(point, y), "exact_zero_fraction": (coefs == 0).float().mean().item()}
     return out
 
 

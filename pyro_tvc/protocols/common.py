@@ -7,6 +7,7 @@ import torch
 
 from pyro_tvc.diagnostics.summaries import expected_calibration_error
 
+from pyro_tvc.evaluation import nll
 from pyro_tvc.methods.base import FitResult, TaskData, per_task_accuracy
 
 # what a method learned that the tables report (FitResult.learned keys; docs/glossary.md)
@@ -53,7 +54,3 @@ def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test:
             rows.append(record(protocol, method, kind, "ALL", seed, "exact_zero_fraction", zeros))
     return rows
 
-
-def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean negative log predictive probability of the true label (nats); probabilities floored at 1e-12."""
-    return -probs.gather(-1, labels[:, None]).clamp_min(1e-12).log().mean().item()
