@@ -29,20 +29,29 @@ def accuracy(encoder: torch.nn.Module, head: ZeroShotHead, dataset: Dataset, bat
     return 100.0 * (head(feats.to(device)).argmax(-1).cpu() == labels).float().mean().item()
 
 
-def encode_cached(encoder: torch.nn.Module, images: torch.Tensor, theta0_sha256: str | None,
+def encode_cached(encoder: torch.nn.Module, images, theta0_sha256: str | None,
                   cache_dir: Path | None, device="cpu") -> torch.Tensor:
-    """theta_0's features ``[N, D]`` of ``images [N, 3, S, S]``, read from / written to ``cache_dir``.
+    """theta_0's features ``[N, D]`` of ``images [N, 3, S, S]`` (a tensor or a streamed
+    :class:`~pyro_tvc.data.streaming.LazyImages`), read from / written to ``cache_dir``.
 
-    The key is a hash of theta_0's image tower (``theta0_sha256``) and of the preprocessed pixels themselves, so the
-    data, its resolution and its preprocessing are all in it: another model, another image or another resize is a
-    miss, never a stale hit. A cache that cannot be written is skipped silently (a read-only artefacts folder);
+    The key is a hash of theta_0's image tower (``theta0_sha256``) and of the data: the preprocessed pixels of a
+    tensor; for streamed files their paths, sizes and modification times with the input side and the preprocessing's
+    name (:meth:`~pyro_tvc.data.streaming.ImageFiles.fingerprint`). Another model, another image or another resize
+    is a miss, never a stale hit. A cache that cannot be written is skipped silently (a read-only artefacts folder);
     without ``theta0_sha256`` or ``cache_dir`` nothing is cached.
     """
     import hashlib
 
     from pyro_tvc.runtime import OutputError, atomic_output
 
+    from pyro_tvc.data.streaming import LazyImages
+
+    streamed = isinstance(images, LazyImages)
+
+    @torch.no_grad()
     def encode() -> torch.Tensor:
+        if streamed:
+            return torch.cat([encoder(x.to(device)).cpu() for x in images.batches()] or [torch.empty(0)])
         return encode_dataset(encoder, TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
                               device=device)[0]
 
@@ -50,7 +59,10 @@ def encode_cached(encoder: torch.nn.Module, images: torch.Tensor, theta0_sha256:
         return encode()
     digest = hashlib.sha256(theta0_sha256.encode())
     digest.update(str(tuple(images.shape)).encode())
-    digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))  # no copy of the pixels
+    if streamed:
+        digest.update(images.fingerprint().encode())
+    else:
+        digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))  # no copy of the pixels
     path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.pt"
     if path.is_file():
         try:

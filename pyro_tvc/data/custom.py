@@ -12,7 +12,9 @@ Layouts (``docs/custom-tasks.md``):
 * ``FILE.csv`` with a header holding ``path`` and ``label`` (class name) and optionally ``split`` (train/val/test);
   relative paths are read from the CSV's folder.
 
-Images are decoded with PIL, converted to RGB and resized to the model's input size with CLIP's normalisation. A val
+Images are decoded with PIL, converted to RGB and resized to the model's input size with CLIP's normalisation, when
+they are read: a folder's or a CSV's splits are lazy (:mod:`pyro_tvc.data.streaming`), and loading only lists and
+checks the files (PIL's ``verify``, one file at a time). A val
 split that is not given is carved from train (10 % of every class, seeded), as for the embedded sets. Every problem
 is refused with :class:`CustomTaskError` (a ``ValueError``) naming the file and what was expected; unreadable images
 are refused too, unless ``skip_bad_images`` (then they are counted in ``TaskSplits.skipped``).
@@ -25,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
+
+from pyro_tvc.data.streaming import ImageFiles
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
@@ -55,7 +59,12 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
+def decode_image(path: Path, size: int) -> np.ndarray:
+    """uint8 ``[size, size, 3]`` pixels of one image file (RGB, CLIP's resize and centre crop).
+
+    Raises:
+        CustomTaskError: the file is not a readable image.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -63,10 +72,23 @@ def _decode(path: Path, size: int) -> np.ndarray:
             im = im.convert("RGB")
             if im.size != (size, size):
                 im = _resize_center_crop(im, size)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+            return np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on a read-only view)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise CustomTaskError(f"{path}: not a readable image ({type(err).__name__}); expected one of "
                               f"{', '.join(IMAGE_SUFFIXES)} (or pass --skip-bad-images)") from err
+
+
+def _readable(path: Path) -> bool:
+    """Whether PIL identifies the file and its data pass the format's own checks (``verify``: chunk CRCs for PNG),
+    without decoding the pixels into memory."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error ...) for damaged files
+        return False
 
 
 def _resize_center_crop(im, size: int):
@@ -82,25 +104,26 @@ def _resize_center_crop(im, size: int):
 
 
 class _Reader:
-    """Decodes files into one uint8 array, skipping (and counting) unreadable ones only when allowed."""
+    """Checks files one by one (nothing is decoded into memory) and returns them as a lazy :class:`ImageFiles`,
+    skipping (and counting) unreadable ones only when allowed."""
 
     def __init__(self, size: int, skip_bad: bool):
         self.size, self.skip_bad, self.skipped = size, skip_bad, 0
 
-    def read(self, items: list[tuple[Path, int]], where: str) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = [], []
+    def read(self, items: list[tuple[Path, int]], where: str) -> ImageFiles:
+        kept = []
         for path, label in items:
-            try:
-                images.append(_decode(path, self.size))
-            except CustomTaskError:
-                if not self.skip_bad:
-                    raise
+            if _readable(path):
+                kept.append((path, label))
+            elif self.skip_bad:
                 self.skipped += 1
-                continue
-            labels.append(label)
-        if not images:
+            else:
+                decode_image(path, self.size)  # raises the one-line error naming the file
+                raise CustomTaskError(f"{path}: damaged image data; expected a readable image (or pass "
+                                      f"--skip-bad-images)")
+        if not kept:
             raise CustomTaskError(f"{where}: no readable image")
-        return np.stack(images), np.asarray(labels, dtype=np.int64)
+        return ImageFiles(kept, self.size)
 
 
 def _folder_items(folder: Path, classes: list[str] | None) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -143,9 +166,9 @@ def _from_folder(root: Path, reader: _Reader) -> tuple[list[str], dict]:
                 arrays[split] = reader.read(_folder_items(root / split, classes)[1], str(root / split))
         return classes, arrays
     classes, items = _folder_items(root, None)
-    images, labels = reader.read(items, str(root))
-    train_idx, test_idx = _stratified_test(labels, 0.2, TEST_SPLIT_SEED)
-    return classes, {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
+    pool = reader.read(items, str(root))
+    train_idx, test_idx = _stratified_test(pool.labels, 0.2, TEST_SPLIT_SEED)
+    return classes, {"train": pool.subset(train_idx), "test": pool.subset(test_idx)}
 
 
 def _from_csv(path: Path, reader: _Reader) -> tuple[list[str], dict]:
@@ -173,10 +196,9 @@ def _from_csv(path: Path, reader: _Reader) -> tuple[list[str], dict]:
         raise CustomTaskError(f"{path}: no train rows (rows without a 'split' value are train)")
     arrays = {s: reader.read(items, f"{path} ({s} rows)") for s, items in per_split.items()}
     if "test" not in arrays:
-        labels = arrays["train"][1]
-        train_idx, test_idx = _stratified_test(labels, 0.2, TEST_SPLIT_SEED)
-        images = arrays["train"][0]
-        arrays["train"], arrays["test"] = (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
+        pool = arrays["train"]
+        train_idx, test_idx = _stratified_test(pool.labels, 0.2, TEST_SPLIT_SEED)
+        arrays["train"], arrays["test"] = pool.subset(train_idx), pool.subset(test_idx)
     return classes, arrays
 
 
@@ -209,8 +231,10 @@ def _resized(images: np.ndarray, size: int) -> np.ndarray:
 
 def load_custom(spec: str | Path, image_size: int, val_fraction: float = 0.1, seed: int = 0,
                 max_train: int | None = None, skip_bad_images: bool = False):
-    """Load a task given by path as :class:`~pyro_tvc.data.TaskSplits` of CLIP-normalised ``[N, 3, S, S]`` tensors
-    (``S = image_size``), with ``skipped`` = the number of unreadable files left out.
+    """Load a task given by path as :class:`~pyro_tvc.data.TaskSplits` of CLIP-normalised ``[3, S, S]`` images
+    (``S = image_size``), with ``skipped`` = the number of unreadable files left out. Folders and CSVs give
+    :class:`~pyro_tvc.data.streaming.ImageFiles` splits (every file checked now, decoded when read); an .npz gives
+    in-memory tensors.
 
     Raises:
         CustomTaskError: a missing path, no class folders, an empty class, an unreadable image (without
@@ -219,34 +243,42 @@ def load_custom(spec: str | Path, image_size: int, val_fraction: float = 0.1, se
     """
     from pyro_tvc.data import TaskSplits, images_to_tensor, stratified_val_indices
 
+    from pyro_tvc.data import TaskSplits, images_to_tensor, stratified_val_indices
+
     path = Path(spec).expanduser()
     if not path.exists():
         raise CustomTaskError(f"{spec}: no such folder or file; expected an ImageFolder tree, an .npz or a .csv")
     reader = _Reader(image_size, skip_bad_images)
     if path.is_dir():
-        classes, arrays = _from_folder(path, reader)
+        classes, splits = _from_folder(path, reader)
     elif path.suffix == ".csv":
-        classes, arrays = _from_csv(path, reader)
+        classes, splits = _from_csv(path, reader)
     elif path.suffix == ".npz":
         classes, arrays = _from_npz(path)
-        arrays = {k: (_resized(x, image_size), y) for k, (x, y) in arrays.items()}
+        splits = {k: _InMemory(images_to_tensor(_resized(x, image_size)), torch.from_numpy(y))
+                  for k, (x, y) in arrays.items()}
     else:
         raise CustomTaskError(f"{spec}: expected a folder, an .npz or a .csv")
-    images, labels = arrays["train"]
-    if "val" not in arrays:
-        train_idx, val_idx = stratified_val_indices(labels, val_fraction, seed)
-        arrays["val"] = (images[val_idx], labels[val_idx])
-        images, labels = images[train_idx], labels[train_idx]
-    if max_train is not None and len(labels) > max_train:
-        keep = np.sort(np.random.RandomState(seed).permutation(len(labels))[:max_train])
-        images, labels = images[keep], labels[keep]
-    arrays["train"] = (images, labels)
+    train = splits["train"]
+    if "val" not in splits:
+        train_idx, val_idx = stratified_val_indices(train.labels, val_fraction, seed)
+        splits["val"], train = train.subset(val_idx), train.subset(train_idx)
+    if max_train is not None and len(train) > max_train:
+        train = train.subset(np.sort(np.random.RandomState(seed).permutation(len(train))[:max_train]))
+    splits["train"] = train
     for split in ("train", "test"):
-        if not len(arrays[split][1]):
+        if not len(splits[split]):
             raise CustomTaskError(f"{spec}: the {split} split has no images (each class needs 2+ images to be split)")
+    return TaskSplits(task_name(path), classes, splits["train"], splits["val"], splits["test"], reader.skipped)
 
-    def tensors(split: str) -> TensorDataset:
-        x, y = arrays[split]
-        return TensorDataset(images_to_tensor(x), torch.from_numpy(np.asarray(y)).long())
 
-    return TaskSplits(task_name(path), classes, tensors("train"), tensors("val"), tensors("test"), reader.skipped)
+class _InMemory(TensorDataset):
+    """An .npz split: ``(images, labels)`` tensors with the same ``labels``/``subset`` as :class:`ImageFiles`."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        super().__init__(images, labels.long())
+        self.labels = labels.numpy()
+
+    def subset(self, idx) -> "_InMemory":
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        return _InMemory(self.tensors[0][idx], self.tensors[1][idx])

@@ -9,9 +9,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.utils.data import TensorDataset
 
-from pyro_tvc.data import load_task
+from pyro_tvc.data import dataset_labels, load_task
 from pyro_tvc.data.custom import is_task_path, task_name
+from pyro_tvc.data.streaming import LazyImages, fit_in_memory, take
+
+
+def _images_and_labels(dataset) -> tuple:
+    """``(images, labels [N])`` of a split: the tensors of an in-memory one, a :class:`LazyImages` of a file one."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0], dataset.tensors[1]
+    return LazyImages(dataset), torch.as_tensor(dataset_labels(dataset)).long()
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int, classes: list[str] | None = None) -> np.ndarray:
@@ -35,7 +44,8 @@ def few_shot_indices(labels: np.ndarray, shots: int, seed: int, classes: list[st
 
 @dataclass
 class TargetData:
-    """``name``, ``classes`` and ``splits[split] = (images [N, 3, S, S], labels [N])`` for train/val/test;
+    """``name``, ``classes`` and ``splits[split] = (images [N, 3, S, S], labels [N])`` for train/val/test (images: a
+    tensor, or a :class:`~pyro_tvc.data.streaming.LazyImages` when the split exceeds the memory budget);
     ``choices``: how the splits were made (shots, where val came from, skipped files), recorded in run configs."""
 
     name: str
@@ -56,13 +66,15 @@ def load_target(spec: str, seed: int = 0, shots: int | None = None, max_train: i
     """
     data = load_task(spec, image_size=image_size, skip_bad_images=skip_bad_images, seed=seed,
                      max_train=None if shots else max_train)
-    splits = {k: tuple(getattr(data, k).tensors) for k in ("train", "val", "test")}
+    splits = {k: _images_and_labels(getattr(data, k)) for k in ("train", "val", "test")}
     choices = {"shots": shots, "val_source": "held out of train", "skipped_files": data.skipped}
     if shots:
         images, labels = splits["train"]
         idx = torch.from_numpy(few_shot_indices(labels.numpy(), shots, seed, data.classes))
-        splits["train"] = (images[idx], labels[idx])
+        splits["train"] = (take(images, idx), labels[idx])
         if len(splits["val"][1]) == 0:
             splits["val"] = splits["train"]
             choices["val_source"] = "the shots (too few images to hold any out)"
+    splits = {k: (fit_in_memory(x), y) for k, (x, y) in splits.items()}
+    choices["streamed_splits"] = sorted(k for k, (x, _) in splits.items() if isinstance(x, LazyImages))
     return TargetData(task_name(spec) if is_task_path(spec) else spec, data.classes, splits, choices)

@@ -1,0 +1,127 @@
+"""Streamed splits (issue 10, item 3): a folder's images are decoded when read, never held as one tensor.
+
+References are independent of the streaming code: each PNG decoded here with PIL and normalised by hand, and a run
+whose splits fit in memory (the same files, the same seeds) for the end-to-end comparison."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pyro_tvc.cli import main
+from pyro_tvc.data import CLIP_MEAN, CLIP_STD
+from pyro_tvc.data.custom import load_custom
+from pyro_tvc.data.streaming import LazyImages, fit_in_memory, memory_budget_bytes, take
+from pyro_tvc.data.targets import load_target
+
+
+def _by_hand(path, size):
+    """PIL decode, bicubic shorter side + centre crop only when needed, CLIP normalisation: written out here."""
+    im = Image.open(path).convert("RGB")
+    if im.size != (size, size):
+        w, h = im.size
+        s = size / min(w, h)
+        im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+        im = im.crop((left, top, left + size, top + size))
+    x = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(((x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).transpose(2, 0, 1))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Two classes of 12 non-square RGB images with distinct pixels (so a wrong row is visible)."""
+    rng = np.random.RandomState(0)
+    root = tmp_path / "shapes"
+    for c in ("round", "square"):
+        (root / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.randint(0, 256, (20, 28, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_lazy_rows_equal_the_files_decoded_by_hand(folder):
+    task = load_custom(folder, 16, seed=0)
+    lazy = LazyImages(task.test)
+    ref = torch.stack([_by_hand(p, 16) for p in task.test.paths])
+    assert lazy.shape == ref.shape and len(lazy) == len(ref) == 4
+    assert torch.allclose(lazy[torch.tensor([3, 0, 3])], ref[[3, 0, 3]], atol=1e-5)
+    assert torch.allclose(lazy[1:5:2], ref[1:5:2], atol=1e-5) and torch.allclose(lazy[-1], ref[-1], atol=1e-5)
+    assert torch.allclose(lazy[torch.tensor([True, False] * 2)], ref[::2], atol=1e-5)
+    assert torch.allclose(torch.cat(list(lazy.batches(batch_size=4))), ref, atol=1e-5)
+    sub = take(lazy, [3, 2])
+    assert isinstance(sub, LazyImages) and torch.allclose(sub[:], ref[[3, 2]], atol=1e-5)
+    mixed = torch.cat([sub, ref[:1]])  # lazy + in-memory parts, as task addition concatenates tasks
+    assert isinstance(mixed, LazyImages) and torch.allclose(mixed[[0, 1, 2]], ref[[3, 2, 0]], atol=1e-5)
+    with pytest.raises(IndexError, match="out of range"):
+        lazy[[4]]
+
+
+def test_memory_budget_decides_what_is_streamed(folder, monkeypatch):
+    monkeypatch.setenv("PYRO_TVC_IMAGE_MEMORY_MB", "0")
+    streamed = load_target(str(folder), seed=1, image_size=16)
+    assert all(isinstance(x, LazyImages) for x, _ in streamed.splits.values())
+    assert streamed.choices["streamed_splits"] == ["test", "train", "val"]
+    monkeypatch.delenv("PYRO_TVC_IMAGE_MEMORY_MB")
+    held = load_target(str(folder), seed=1, image_size=16)
+    assert held.choices["streamed_splits"] == [] and memory_budget_bytes() == 1024 * 2**20
+    for k in ("train", "val", "test"):
+        assert isinstance(held.splits[k][0], torch.Tensor)
+        assert torch.equal(fit_in_memory(streamed.splits[k][0]), held.splits[k][0])
+        assert torch.equal(streamed.splits[k][1], held.splits[k][1])
+    monkeypatch.setenv("PYRO_TVC_IMAGE_MEMORY_MB", "lots")
+    with pytest.raises(ValueError, match="PYRO_TVC_IMAGE_MEMORY_MB='lots'"):
+        memory_budget_bytes()
+
+
+def test_feature_cache_of_streamed_files_misses_when_a_file_changes(folder, tmp_path):
+    from pyro_tvc.evaluation import encode_cached
+
+    calls = []
+
+    class Encoder(torch.nn.Module):
+        def forward(self, x):
+            calls.append(len(x))
+            return x.mean(dim=(2, 3))
+
+    lazy = LazyImages(load_custom(folder, 16, seed=0).test)
+    cache = tmp_path / "features"
+    first = encode_cached(Encoder(), lazy, "theta", cache)
+    assert torch.allclose(first, lazy[:].mean(dim=(2, 3)), atol=1e-6)
+    assert torch.equal(encode_cached(Encoder(), lazy, "theta", cache), first) and sum(calls) == 4
+    changed = lazy.dataset.paths[0]
+    Image.fromarray(np.zeros((20, 28, 3), np.uint8)).save(changed)
+    os.utime(changed, ns=(1, 1))  # a new file, with a modification time of its own
+    again = encode_cached(Encoder(), lazy, "theta", cache)
+    assert sum(calls) == 8 and not torch.allclose(again[0], first[0])
+
+
+@pytest.mark.slow
+def test_streamed_train_and_benchmark_equal_the_in_memory_runs(prepared, tmp_path, monkeypatch):
+    """Same files, seeds and options: streaming every split changes nothing in train's or benchmark's results."""
+    from tests.test_custom_tasks import write_image_folder
+
+    root = write_image_folder(tmp_path / "scans", {"train": 12, "test": 6}, classes_kept=4)
+    results = {}
+    for mode, budget in (("held", "1024"), ("streamed", "0")):
+        monkeypatch.setenv("PYRO_TVC_IMAGE_MEMORY_MB", budget)
+        art = tmp_path / f"art-{mode}"
+        shutil.copytree(prepared, art)  # its own feature cache: the streamed run must encode, not hit
+        run, bench = tmp_path / f"run-{mode}", tmp_path / f"bench-{mode}"
+        assert main(["train", "--artifacts", str(art), "--target", str(root), "--tasks", "mnist", "eurosat5",
+                     "--epochs", "1", "--eval-samples", "2", "--out", str(run), "--quiet", "--device", "cpu"]) == 0
+        assert main(["benchmark", "--artifacts", str(art), "--out", str(bench), "--protocols", "target", "--targets",
+                     str(root), "--pool", "mnist", "eurosat5", "--methods", "zero_shot", "atlas", "--seeds", "1",
+                     "--quiet", "--device", "cpu"]) == 0
+        res = json.loads((run / "results.json").read_text())
+        recs = json.loads((bench / "results.json").read_text())["records"]
+        results[mode] = (res, {(r["method"], r["metric"]): r["value"] for r in recs if r["metric"] == "accuracy"})
+    held, streamed = results["held"], results["streamed"]
+    assert held[0]["data"]["streamed_splits"] == [] and streamed[0]["data"]["streamed_splits"] == ["test", "train",
+                                                                                                   "val"]
+    for key in ("mc_accuracy", "single_model_accuracy", "zero_shot_accuracy", "mc_nll"):
+        assert held[0][key] == pytest.approx(streamed[0][key], abs=1e-6), key
+    assert held[1] == pytest.approx(streamed[1], abs=1e-6) and held[1]
