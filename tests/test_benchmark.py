@@ -129,3 +129,35 @@ def test_nll_and_gate_statistics_on_hand_made_cases():
     got = gate_statistics(Guide(), torch.zeros(1, 8))
     assert got == {"gate_fraction_pruned": 0.25, "gate_fraction_reliable": 0.25, "gate_fraction_sampled": 0.5,
                    "gate_fraction_included": 0.5, "gate_reliable_among_included": 0.5}
+
+
+def test_evaluate_fit_records_calibration_and_auroc_against_hand_computation():
+    """A hand-made predictor on 6 inputs of one task: NLL, ECE and the AUROC of the predictive entropy for errors,
+    counted here pair by pair (ties count a half)."""
+    import math
+
+    import torch
+
+    from pyro_tvc.methods.base import FitResult, Predictor, TaskData
+    from pyro_tvc.protocols.common import evaluate_fit
+
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5], [0.7, 0.3], [0.45, 0.55]])
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+
+    class Fixed(Predictor):
+        def probs(self, data):
+            return probs
+
+        def exact_zero_fraction(self, data):
+            return None
+
+    test = TaskData(torch.zeros(6, 3, 2, 2), torch.zeros(6, 4), labels, torch.zeros(6, dtype=torch.long))
+    rows = evaluate_fit("target", "hand", 1, FitResult({"single": Fixed()}), test, ["t"])
+    got = {r["metric"]: r["value"] for r in rows if r["task"] == "t"}
+    wrong = (probs.argmax(1) != labels).tolist()  # argmax of the tie [0.5, 0.5] is class 0: right
+    entropy = [-(p * p.log()).sum().item() for p in probs]
+    pairs = [(e_w, e_r) for e_w, w in zip(entropy, wrong) if w for e_r, r in zip(entropy, wrong) if not r]
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+    assert got["auroc_entropy_error"] == pytest.approx(expected)
+    assert got["nll"] == pytest.approx(-sum(math.log(probs[i, labels[i]]) for i in range(6)) / 6)
+    assert got["accuracy"] == pytest.approx(100 * (1 - sum(wrong) / 6))

@@ -102,6 +102,7 @@ def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str]) -> tuple[s
 
 
 POSTERIOR_COLUMNS = [("accuracy", "accuracy %", 1, 1.0), ("nll", "NLL (nats)", 3, 1.0), ("ece", "ECE %", 1, 1.0),
+                     ("auroc_entropy_error", "AUROC entropy→error", 3, 1.0),
                      ("true_elbo_per_datum", "true ELBO / input", 2, 1.0),
                      ("gate_fraction_included", "included %", 1, 100.0),
                      ("gate_reliable_among_included", "reliable / included %", 1, 100.0),

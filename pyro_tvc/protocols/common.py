@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from pyro_tvc.diagnostics.summaries import expected_calibration_error
+from pyro_tvc.diagnostics.summaries import auroc, expected_calibration_error, predictive_entropy
 
 from pyro_tvc.evaluation import nll
 from pyro_tvc.methods.base import FitResult, TaskData, per_task_accuracy
@@ -45,9 +45,13 @@ def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test:
                 mine = test.task_ids == t
                 if mine.any() and not torch.isnan(probs[mine]).any():
                     rows.append(record(protocol, method, kind, name, seed, "nll", nll(probs[mine], test.labels[mine])))
+                    p, y = probs[mine].cpu().numpy(), test.labels[mine].cpu().numpy()
                     rows.append(record(protocol, method, kind, name, seed, "ece",
-                                       100.0 * expected_calibration_error(probs[mine].cpu().numpy(),
-                                                                          test.labels[mine].cpu().numpy())))
+                                       100.0 * expected_calibration_error(p, y)))
+                    # does the predictive entropy flag the errors? (nan when every input is right or wrong)
+                    score = auroc(predictive_entropy(p), p.argmax(-1) != y)
+                    if score == score:
+                        rows.append(record(protocol, method, kind, name, seed, "auroc_entropy_error", score))
         rows.append(record(protocol, method, kind, "ALL", seed, "inference_ms_per_input", ms))
         zeros = predictor.exact_zero_fraction(test)
         if zeros is not None:
