@@ -55,12 +55,13 @@ def encode_cached(encoder: torch.nn.Module, images, theta0_sha256: str | None,
         return encode_dataset(encoder, TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
                               device=device)[0]
 
-    if cache_dir is None or theta0_sha256 is None:
+    identity = images.fingerprint() if streamed else ""
+    if cache_dir is None or theta0_sha256 is None or identity is None:
         return encode()
     digest = hashlib.sha256(theta0_sha256.encode())
     digest.update(str(tuple(images.shape)).encode())
     if streamed:
-        digest.update(images.fingerprint().encode())
+        digest.update(identity.encode())
     else:
         digest.update(memoryview(images.detach().cpu().contiguous().numpy()).cast("B"))  # no copy of the pixels
     path = Path(cache_dir) / f"{digest.hexdigest()[:32]}.pt"

@@ -77,6 +77,8 @@ class TrainConfig:
         max_train: Cap on training images (fast mode).
         shots: Keep k labelled training images per class (seeded, stratified; aTLAS's few-shot setting).
         skip_bad_images: Leave out unreadable files of a target given by path (counted) instead of refusing them.
+        data_root: Folder of real data sets (torchvision layout, as ``prepare --data-root``) when the target or a
+            composed task is a real set prepared from it; read with the model's own preprocessing, streamed.
         patience: Stop after this many epochs without validation improvement (default: run every epoch).
         seed: Random seed.
         device: auto (CUDA when present), cpu or cuda[:i].
@@ -115,6 +117,7 @@ class TrainConfig:
     max_train: int | None = None
     shots: int | None = None
     skip_bad_images: bool = False
+    data_root: Path | None = None
     patience: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -153,6 +156,23 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(self, name)}")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume exclude each other: choose one")
+        check_data_root(self.data_root)
+
+
+def check_data_root(data_root) -> None:
+    """Raises ValueError: ``--data-root`` given but not a folder."""
+    if data_root is not None and not Path(data_root).expanduser().is_dir():
+        raise ValueError(f"--data-root {data_root}: no such folder; expected the folder of real data sets "
+                         f"(torchvision layout) that prepare --data-root read")
+
+
+def real_transform(encoder, data_root):
+    """The model's own evaluation preprocessing for real sets (open_clip's), or None without ``data_root``."""
+    if data_root is None:
+        return None
+    import open_clip
+
+    return open_clip.image_transform(input_size(encoder), is_train=False)
 
 
 @dataclass
@@ -222,7 +242,8 @@ def build_problem(cfg: TrainConfig) -> Problem:
         hint = f"./{cfg.target}" if Path(cfg.target).exists() else "its path"
         raise ValueError(f"target {cfg.target!r} has no prepared head/vector in {paths.root}; "
                          f"prepared: {', '.join(available)}; for your own task give {hint} (docs/custom-tasks.md)")
-    target = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images)
+    target = load_target(cfg.target, cfg.seed, cfg.shots, cfg.max_train, input_size(encoder), cfg.skip_bad_images,
+                         cfg.data_root, real_transform(encoder, cfg.data_root))
     tasks = cfg.tasks or [t for t in available if t != target.name]
     unknown = [t for t in tasks if t not in available]
     if unknown or not tasks:

@@ -125,3 +125,41 @@ def test_streamed_train_and_benchmark_equal_the_in_memory_runs(prepared, tmp_pat
     for key in ("mc_accuracy", "single_model_accuracy", "zero_shot_accuracy", "mc_nll"):
         assert held[0][key] == pytest.approx(streamed[0][key], abs=1e-6), key
     assert held[1] == pytest.approx(streamed[1], abs=1e-6) and held[1]
+
+
+@pytest.mark.slow
+def test_real_sets_from_data_root_through_train_and_benchmark(prepared, tmp_path):
+    """`train` and `benchmark` read real sets prepared with --data-root (issue 10: "train only reads the embedded
+    sets"): two torchvision-layout stand-ins built from the shipped digits (RESISC45 as resisc45/<class>/,
+    EuroSAT as eurosat/2750/<class>/). Reference: prepare's own zero-shot accuracy of the same test split."""
+    from tests.test_custom_tasks import _digits
+
+    classes, x, y, _, _ = _digits()
+    data = tmp_path / "data"
+    for folder, kept in ((data / "resisc45", 4), (data / "eurosat" / "2750", 3)):
+        for c in range(kept):
+            (folder / f"digit {classes[c]}").mkdir(parents=True)
+            for i, idx in enumerate(np.flatnonzero(y == c)[:25]):
+                Image.fromarray(x[idx]).resize((48, 48)).save(folder / f"digit {classes[c]}" / f"{i}.png")
+    art = tmp_path / "art"
+    shutil.copytree(prepared, art)
+    assert main(["prepare", "--out", str(art), "--data-root", str(data), "--tasks", "RESISC45", "EuroSAT",
+                 "--finetune-steps", "3", "--batch-size", "16", "--quiet", "--device", "cpu"]) == 0
+    zero_shot = {r["task"]: r["zero_shot"] for r in json.loads((art / "table.json").read_text())["rows"]}
+    run = tmp_path / "run"
+    assert main(["train", "--artifacts", str(art), "--data-root", str(data), "--target", "RESISC45", "--tasks",
+                 "EuroSAT", "--epochs", "1", "--eval-samples", "2", "--out", str(run), "--quiet",
+                 "--device", "cpu"]) == 0
+    res = json.loads((run / "results.json").read_text())
+    assert res["zero_shot_accuracy"] == pytest.approx(zero_shot["RESISC45"], abs=0.01)
+    bench = tmp_path / "bench"
+    assert main(["benchmark", "--artifacts", str(art), "--data-root", str(data), "--out", str(bench), "--protocols",
+                 "target", "addition", "--targets", "RESISC45", "--pool", "EuroSAT", "RESISC45",
+                 "--selection-per-task", "10", "--methods", "zero_shot", "task_arithmetic", "--seeds", "1", "--quiet", "--device", "cpu"]) == 0
+    recs = json.loads((bench / "results.json").read_text())["records"]
+    zs = {(r["protocol"], r["task"]): r["value"] for r in recs if r["method"] == "zero_shot" and r["metric"] == "accuracy"}
+    assert zs[("target", "RESISC45")] == pytest.approx(zero_shot["RESISC45"], abs=0.01)
+    assert zs[("addition", "EuroSAT")] == pytest.approx(zero_shot["EuroSAT"], abs=0.01)
+    assert main(["train", "--artifacts", str(art), "--target", "RESISC45", "--data-root", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "r2")]) == 2
+    assert not (tmp_path / "r2").exists()

@@ -101,9 +101,10 @@ class LazyImages:
     """A split's images ``[N, 3, S, S]`` that decode on indexing. Build it from an :class:`ImageFiles` (or any
     dataset yielding ``(image, label)``); ``x[idx]`` returns a float32 tensor on ``self.device``."""
 
-    def __init__(self, dataset: Dataset, device="cpu"):
+    def __init__(self, dataset: Dataset, device="cpu", identity: str | None = None):
         self.dataset = dataset
         self.device = torch.device(device)
+        self.identity = identity  # the data's identity for the feature cache when the dataset has no fingerprint
         side = getattr(dataset, "size", None)
         # an ImageFiles knows its shape; another dataset shows it by its first item
         item = torch.zeros(3, side, side) if isinstance(side, int) else dataset[0][0]
@@ -151,8 +152,10 @@ class LazyImages:
         from torch.utils.data import Subset
 
         rows = self._rows(idx)
-        ds = self.dataset.subset(rows) if hasattr(self.dataset, "subset") else Subset(self.dataset, rows.tolist())
-        return LazyImages(ds, self.device)
+        if hasattr(self.dataset, "subset"):
+            return LazyImages(self.dataset.subset(rows), self.device)
+        identity = None if self.identity is None else rows_digest(self.identity, rows)
+        return LazyImages(Subset(self.dataset, rows.tolist()), self.device, identity)
 
     def batches(self, batch_size: int = 256):
         """Every row in order, ``batch_size`` at a time, through a ``DataLoader`` (:func:`loader_workers` workers)."""
@@ -163,11 +166,10 @@ class LazyImages:
     def materialise(self) -> torch.Tensor:
         return torch.cat(list(self.batches())) if len(self) else self[[]]
 
-    def fingerprint(self) -> str:
+    def fingerprint(self) -> str | None:
+        """The data's identity for the feature cache; None when unknown (then nothing is cached)."""
         fp = getattr(self.dataset, "fingerprint", None)
-        if fp is None:
-            raise TypeError(f"{type(self.dataset).__name__} has no fingerprint for the feature cache")
-        return fp()
+        return fp() if fp is not None else self.identity
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -193,11 +195,20 @@ class _Concat(Dataset):
             return part.dataset[row][0], 0
         return part[row].cpu(), 0
 
-    def fingerprint(self) -> str:
+    def fingerprint(self) -> str | None:
         h = hashlib.sha256()
         for p in self.parts:
-            h.update((p.fingerprint() if isinstance(p, LazyImages) else _pixels_digest(p)).encode())
+            fp = p.fingerprint() if isinstance(p, LazyImages) else _pixels_digest(p)
+            if fp is None:
+                return None
+            h.update(fp.encode())
         return h.hexdigest()
+
+
+def rows_digest(identity: str, rows: np.ndarray) -> str:
+    h = hashlib.sha256(identity.encode())
+    h.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def _pixels_digest(images: torch.Tensor) -> str:

@@ -11,16 +11,26 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from pyro_tvc.data import dataset_labels, load_task
+from pyro_tvc.data import EMBEDDED_TASKS, dataset_labels, load_task
 from pyro_tvc.data.custom import is_task_path, task_name
-from pyro_tvc.data.streaming import LazyImages, fit_in_memory, take
+from pyro_tvc.data.streaming import LazyImages, fit_in_memory, rows_digest, take
 
 
-def _images_and_labels(dataset) -> tuple:
+def _images_and_labels(dataset, identity: str | None = None) -> tuple:
     """``(images, labels [N])`` of a split: the tensors of an in-memory one, a :class:`LazyImages` of a file one."""
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0], dataset.tensors[1]
-    return LazyImages(dataset), torch.as_tensor(dataset_labels(dataset)).long()
+    if identity is not None and hasattr(dataset, "indices"):  # a seeded split of a real set: its rows are its identity
+        identity = rows_digest(identity, np.asarray(dataset.indices))
+    return LazyImages(dataset, identity=identity), torch.as_tensor(dataset_labels(dataset)).long()
+
+
+def real_split_identity(data_root, name: str, transform) -> str:
+    """A real set's identity for the feature cache: its resolved location, name and the preprocessing (the split's
+    rows are added per subset), the same cheap identity as ``prepare``'s recipes (:mod:`pyro_tvc.recipes`)."""
+    from pathlib import Path
+
+    return f"real:{Path(data_root).resolve()}:{name}:{transform!r}"
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int, classes: list[str] | None = None) -> np.ndarray:
@@ -55,8 +65,10 @@ class TargetData:
 
 
 def load_target(spec: str, seed: int = 0, shots: int | None = None, max_train: int | None = None,
-                image_size: int = 32, skip_bad_images: bool = False) -> TargetData:
-    """Load a target by name (embedded) or by path (ImageFolder / .npz / .csv).
+                image_size: int = 32, skip_bad_images: bool = False, data_root=None,
+                transform=None) -> TargetData:
+    """Load a target by name (embedded, or a real set under ``data_root`` read with ``transform``, the model's
+    preprocessing) or by path (ImageFolder / .npz / .csv).
 
     Val is carved from train before the shots are drawn (10 % of every class, seeded), so it never holds a shot;
     when that leaves val without images (a class of 1-2 images), val is the shots themselves and ``choices`` says so.
@@ -64,9 +76,15 @@ def load_target(spec: str, seed: int = 0, shots: int | None = None, max_train: i
     Raises:
         ValueError: an unreadable task (see :mod:`pyro_tvc.data.custom`), or ``shots`` larger than a class.
     """
-    data = load_task(spec, image_size=image_size, skip_bad_images=skip_bad_images, seed=seed,
-                     max_train=None if shots else max_train)
-    splits = {k: _images_and_labels(getattr(data, k)) for k in ("train", "val", "test")}
+    real = data_root is not None and not is_task_path(spec) and spec not in EMBEDDED_TASKS
+    data = load_task(spec, data_root if real else None, transform, image_size=image_size,
+                     skip_bad_images=skip_bad_images, seed=seed, max_train=None if shots else max_train)
+    identity = real_split_identity(data_root, spec, transform) if real else None
+    splits = {k: _images_and_labels(getattr(data, k), identity and f"{identity}/{k}") for k in ("train", "val", "test")}
+    images, labels = splits["train"]
+    if not shots and max_train is not None and len(labels) > max_train:  # real sets come whole from disk
+        keep = torch.from_numpy(np.sort(np.random.RandomState(seed).permutation(len(labels))[:max_train]))
+        splits["train"] = (take(images, keep), labels[keep])
     choices = {"shots": shots, "val_source": "held out of train", "skipped_files": data.skipped}
     if shots:
         images, labels = splits["train"]

@@ -42,6 +42,8 @@ class BenchmarkConfig:
         seeds: seeds (each >= 1); means and standard deviations are taken over them, paired across methods.
         shots: k labelled training images per class for target composition (aTLAS's few-shot setting; None: all).
         max_train: cap on training images per task (None: all).
+        data_root: folder of real data sets (torchvision layout, as ``prepare --data-root``) for targets and pool
+            tasks that are real sets prepared from it; read with the model's own preprocessing, streamed.
         epochs: epochs of the gradient-trained methods (the best validation epoch is kept).
         batch_size: minibatch size of the gradient-trained methods.
         rank: rank of the per-sample methods' low-rank composition (None: full rank).
@@ -69,6 +71,7 @@ class BenchmarkConfig:
     seeds: list[int] = field(default_factory=lambda: [1])
     shots: int | None = None
     max_train: int | None = 1000
+    data_root: Path | None = None
     epochs: int = 5
     batch_size: int = 64
     rank: int | None = 16
@@ -120,6 +123,9 @@ class BenchmarkConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other: choose one")
+        from pyro_tvc.infer import check_data_root
+
+        check_data_root(self.data_root)
 
     def method_config(self) -> MethodConfig:
         return MethodConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, rank=self.rank,

@@ -69,6 +69,8 @@ def cell_key(cfg: BenchmarkConfig, ws, cell: tuple) -> str:
             "theta0": ws.theta0_sha256, "version": 1}
     if target in ws.custom:  # your own task: its content, not only its name
         spec["data"] = custom_data_identity(ws.custom[target])
+    if cfg.data_root is not None:  # real sets: where they are read from
+        spec["data_root"] = str(Path(cfg.data_root).expanduser().resolve())
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{protocol}-{method}-{target}-s{seed}-{digest}"
 
@@ -88,7 +90,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     from pyro_tvc.runs import prepare_run_folder
 
     device = distributed.local_device(resolve_device(cfg.device))
-    ws = Workspace(cfg.artifacts, device, quiet=cfg.quiet)
+    ws = Workspace(cfg.artifacts, device, quiet=cfg.quiet, data_root=cfg.data_root)
     cells = plan(cfg, ws)  # every check before anything is written
     rank, size = distributed.world(device)  # under torchrun the ranks share the cells; rank 0 reports
     out = Path(cfg.out)

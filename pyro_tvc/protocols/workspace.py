@@ -16,6 +16,7 @@ from pyro_tvc.data import EMBEDDED_TASKS
 from pyro_tvc.data.custom import is_task_path, task_name
 from pyro_tvc.data.targets import load_target
 from pyro_tvc.evaluation import encode_target
+from pyro_tvc.infer import real_transform
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
 from pyro_tvc.recipes import stored_recipe
@@ -29,8 +30,9 @@ class Workspace:
         FileNotFoundError: ``artifacts`` holds no prepared CLIP (run ``pyro-tvc prepare``).
     """
 
-    def __init__(self, artifacts: Path, device: torch.device, quiet: bool = True):
+    def __init__(self, artifacts: Path, device: torch.device, quiet: bool = True, data_root: Path | None = None):
         self.paths = ArtifactPaths(Path(artifacts))
+        self.data_root = data_root
         self.clip, self.model_name = load_clip(self.paths.clip, device)
         self.encoder = image_encoder(self.clip).requires_grad_(False)
         self.device, self.quiet = device, quiet
@@ -86,7 +88,8 @@ class Workspace:
         """``{"train", "val", "test"}`` -> :class:`TaskData` with ``task_ids`` set to ``task_id``."""
         key = (task, seed, shots, max_train)
         if key not in self._data:
-            target = load_target(self.custom.get(task, task), seed, shots, max_train, input_size(self.encoder))
+            target = load_target(self.custom.get(task, task), seed, shots, max_train, input_size(self.encoder),
+                                 data_root=self.data_root, transform=real_transform(self.encoder, self.data_root))
             encoded = encode_target(self.encoder, target.splits, self.theta0_sha256, self.paths.root / "features",
                                     self.device)
             self._data[key] = {name: TaskData(x, f, y, torch.zeros_like(y)) for name, (x, f, y) in encoded.items()}
