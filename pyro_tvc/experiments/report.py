@@ -117,11 +117,13 @@ def posterior_table(df: pd.DataFrame, tasks: list[str]) -> tuple[str, dict]:
     have = [m for m, g in sub[sub.metric == "nll"].groupby("method", sort=False) if set(tasks) <= set(g.task)]
     if not have:
         return "", {}
-    head = ["method"] + [h for _, h, _, _ in POSTERIOR_COLUMNS] + ["seeds"]
+    # a column no finished cell has (cells written before it was recorded) is left out, not shown as dashes
+    columns = [c for c in POSTERIOR_COLUMNS if (sub.metric == c[0]).any()]
+    head = ["method"] + [h for _, h, _, _ in columns] + ["seeds"]
     lines, summary = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], {}
     for (m, p), g in sub[sub.method.isin(have)].groupby(["method", "prediction"], sort=False):
         cells, entry = [label(m, p)], {}
-        for metric, _, digits, scale in POSTERIOR_COLUMNS:
+        for metric, _, digits, scale in columns:
             mean, sd, n = _mean_sd(scale * seed_averages(g, metric, len(tasks))["value"])
             cells.append(_fmt(mean, sd, n, digits))
             entry[metric] = {"mean": mean, "sd": sd, "seeds": n}
