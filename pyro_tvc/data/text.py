@@ -1,0 +1,109 @@
+"""The real text-classification sets shipped with the package (issue 14's data; the text backbone comes later).
+
+Eleven sets (``TEXT_TASKS``) in ``pyro_tvc/data/text_embedded/<task>/``: the upstream JSONL files byte for byte,
+gzip-compressed, and ``classes.txt``; ``MANIFEST.json`` holds the upstream sha256 of each file, which the loader
+checks after decompressing, the sources and the licences (built by ``scripts/vendor_text.py`` from
+``shared/data-text``). Single-text tasks give one string per example; sentence-pair tasks (``mrpc``, ``rte``) give
+``(text_a, text_b)`` pairs, to be encoded jointly by the model's own tokenizer. ``val`` is carved from train as for
+the image sets (10 % of every class, seeded, stratified).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from pyro_tvc.data import stratified_val_indices
+
+TEXT_DIR = Path(__file__).parent / "text_embedded"
+TEXT_TASKS = ("sst2", "ag_news", "trec", "sms_spam", "subj", "emotion", "cola", "mrpc", "rte", "cr", "mpqa")
+PAIR_TASKS = ("mrpc", "rte")
+
+
+class TextTaskError(ValueError):
+    """An unknown text task, or a shipped file that is damaged or holds an empty text field."""
+
+
+@dataclass
+class TextSplit:
+    """``texts[i]``: a string, or ``(text_a, text_b)`` for a pair task; ``labels [N]`` int64."""
+
+    texts: list
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> "TextSplit":
+        idx = np.asarray(idx, dtype=np.int64)
+        return TextSplit([self.texts[i] for i in idx], self.labels[idx])
+
+
+@dataclass
+class TextTask:
+    name: str
+    classes: list[str]
+    pair: bool
+    train: TextSplit
+    val: TextSplit
+    test: TextSplit
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@lru_cache(maxsize=1)
+def text_manifest() -> dict:
+    return json.loads((TEXT_DIR / "MANIFEST.json").read_text())
+
+
+def _rows(task: str, split: str) -> list[dict]:
+    path = TEXT_DIR / task / f"{split}.jsonl.gz"
+    data = gzip.decompress(path.read_bytes())
+    expected = text_manifest()["tasks"][task]["sha256"][f"{split}.jsonl"]
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise TextTaskError(f"{path}: its content differs from the upstream sha256 {expected[:12]}...; reinstall "
+                            f"the package or re-run scripts/vendor_text.py")
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def _split(task: str, split: str, pair: bool, num_classes: int) -> TextSplit:
+    fields = ("text_a", "text_b") if pair else ("text",)
+    texts, labels = [], []
+    for line, row in enumerate(_rows(task, split), start=1):
+        values = [row.get(f) for f in fields]
+        if any(not isinstance(v, str) or not v.strip() for v in values):
+            raise TextTaskError(f"{task}/{split}.jsonl, line {line}: empty or missing {'/'.join(fields)}; every "
+                                f"example needs text")
+        label = row.get("label")
+        if not isinstance(label, int) or not 0 <= label < num_classes:
+            raise TextTaskError(f"{task}/{split}.jsonl, line {line}: label {label!r}; expected an integer in "
+                                f"[0, {num_classes})")
+        texts.append(tuple(values) if pair else values[0])
+        labels.append(label)
+    return TextSplit(texts, np.asarray(labels, dtype=np.int64))
+
+
+def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_train: int | None = None) -> TextTask:
+    """One shipped text task with train/val/test splits; ``max_train`` keeps a seeded subset of train.
+
+    Raises:
+        TextTaskError: an unknown name (the message lists the shipped ones), a damaged file, an empty text field
+            or a label outside the task's classes.
+    """
+    if name not in TEXT_TASKS:
+        raise TextTaskError(f"unknown text task {name!r}; shipped text tasks: {', '.join(TEXT_TASKS)}")
+    classes = (TEXT_DIR / name / "classes.txt").read_text(encoding="utf-8").splitlines()
+    pair = name in PAIR_TASKS
+    train = _split(name, "train", pair, len(classes))
+    train_idx, val_idx = stratified_val_indices(train.labels, val_fraction, seed)
+    if max_train is not None and len(train_idx) > max_train:
+        train_idx = np.sort(np.random.RandomState(seed).permutation(train_idx)[:max_train])
+    return TextTask(name, classes, pair, train.subset(train_idx), train.subset(val_idx),
+                    _split(name, "test", pair, len(classes)))
