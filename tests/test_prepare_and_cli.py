@@ -108,7 +108,8 @@ def test_wheel_installs_models_and_guides_as_subpackages(tmp_path):
 
     names = zipfile.ZipFile(wheel).namelist()
     assert "pyro_tvc/models/__init__.py" in names and "pyro_tvc/guides/__init__.py" in names
-    assert "pyro_tvc/data/embedded/mnist.npz" in names and "pyro_tvc/data/text_embedded/rte/test.jsonl.gz" in names and "pyro_tvc/model_configs/pyro-tvc-tiny.json" in names
+    assert "pyro_tvc/data/embedded/mnist.npz" in names and "pyro_tvc/model_configs/pyro-tvc-tiny.json" in names
+    assert "pyro_tvc/data/text_embedded/rte/test.jsonl.gz" in names and "pyro_tvc/data/text_embedded/MANIFEST.json" in names
     assert not any(n.startswith(("models/", "guides/")) for n in names)
 
 
