@@ -27,6 +27,7 @@ results: venv
 	.venv/bin/python benchmarks/gradient_variance.py --guide conditional_gated --rank 16 --train-epochs 15 \
 		--max-train 1000 --seed 1 --out benchmarks/results/gradient_variance_conditional_gated.json
 	.venv/bin/python benchmarks/lowrank_accuracy.py --out benchmarks/results/lowrank_accuracy.json
+	.venv/bin/python benchmarks/stream_memory.py --out benchmarks/results/stream_memory.json
 	cp artifacts/pyro-tvc-tiny/table.json benchmarks/results/prepare_table.json
 	.venv/bin/python scripts/update_readme.py
 
