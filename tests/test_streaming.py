@@ -97,6 +97,12 @@ def test_feature_cache_of_streamed_files_misses_when_a_file_changes(folder, tmp_
     os.utime(changed, ns=(1, 1))  # a new file, with a modification time of its own
     again = encode_cached(Encoder(), lazy, "theta", cache)
     assert sum(calls) == 8 and not torch.allclose(again[0], first[0])
+    draws = []
+    for _ in range(2):  # a cold (miss) and a warm (hit) encoding leave the global RNG alike: same guide init
+        torch.manual_seed(0)
+        encode_cached(Encoder(), LazyImages(load_custom(folder, 16, seed=1).test), "theta", tmp_path / "fresh")
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[0], draws[1]) and sum(calls) == 12
 
 
 @pytest.mark.slow
@@ -163,3 +169,34 @@ def test_real_sets_from_data_root_through_train_and_benchmark(prepared, tmp_path
     assert main(["train", "--artifacts", str(art), "--target", "RESISC45", "--data-root", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "r2")]) == 2
     assert not (tmp_path / "r2").exists()
+
+
+def test_truncated_jpeg_is_skipped_or_refused_at_loading_and_real_errors_name_the_file(folder, tmp_path):
+    """A truncated JPEG passes PIL's verify(); it must still be found when the folder is loaded (counted with
+    --skip-bad-images, refused naming the file without), never later in the middle of a run."""
+    import io
+
+    from pyro_tvc.data.custom import CustomTaskError
+    from pyro_tvc.data.streaming import ImageFiles
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(1).randint(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+    bad = folder / "round" / "cut.jpg"
+    bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert load_custom(folder, 16, skip_bad_images=True).skipped == 1
+    with pytest.raises(CustomTaskError, match="cut.jpg: not a readable image"):
+        load_custom(folder, 16)
+
+    class Listed(torch.utils.data.Dataset):  # a torchvision-style dataset listing its files in `samples`
+        samples = [(str(bad), 0)]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            raise OSError("image file is truncated")
+
+    with pytest.raises(ValueError, match=r"cut.jpg: not a readable image \(OSError"):
+        LazyImages(Listed(), identity="x")[[0]]
+    with pytest.raises(TypeError, match="rows only"):
+        torch.cat([LazyImages(ImageFiles([], 4)), torch.zeros(0, 3, 4, 4)], dim=1)

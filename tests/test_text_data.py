@@ -67,5 +67,8 @@ def test_unknown_task_damaged_file_and_empty_text_are_refused(tmp_path, monkeypa
         (fake / "sst2" / "train.jsonl.gz").write_bytes(gzip.compress(rows.replace(b"  ", b"ok")))
         with pytest.raises(TextTaskError, match="differs from the upstream sha256"):
             load_text_task("sst2")
+        (fake / "sst2" / "train.jsonl.gz").write_bytes(gzip.compress(rows)[:20])  # a truncated download
+        with pytest.raises(TextTaskError, match=r"sst2/train.jsonl.gz: not a readable gzip file"):
+            load_text_task("sst2")
     finally:
         text_data.text_manifest.cache_clear()

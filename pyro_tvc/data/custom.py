@@ -79,13 +79,15 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
 
 def _readable(path: Path) -> bool:
-    """Whether PIL identifies the file and its data pass the format's own checks (``verify``: chunk CRCs for PNG),
-    without decoding the pixels into memory."""
+    """Whether PIL identifies the file, its data pass the format's own checks (``verify``: chunk CRCs for PNG) and
+    its pixels decode (a truncated JPEG or GIF passes ``verify``); one file at a time, nothing kept."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            im.load()
         return True
     except Exception:  # noqa: BLE001 - PIL raises many types (SyntaxError, struct.error ...) for damaged files
         return False
@@ -241,8 +243,6 @@ def load_custom(spec: str | Path, image_size: int, val_fraction: float = 0.1, se
             ``skip_bad_images``), a CSV without path/label columns or naming a missing file, a malformed .npz, or a
             split without images.
     """
-    from pyro_tvc.data import TaskSplits, images_to_tensor, stratified_val_indices
-
     from pyro_tvc.data import TaskSplits, images_to_tensor, stratified_val_indices
 
     path = Path(spec).expanduser()

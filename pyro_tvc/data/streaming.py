@@ -88,9 +88,12 @@ class ImageFiles(Dataset):
         return out
 
     def fingerprint(self) -> str:
-        """sha256 of (preprocessing, input side, every file's path, size and modification time): the data's identity
-        for the feature cache without reading the pixels (make's rule: a changed file has a new mtime)."""
-        h = hashlib.sha256(f"{PREPROCESSING}|{self.size}".encode())
+        """sha256 of (preprocessing, Pillow's version, input side, every file's path, size and modification time):
+        the data's identity for the feature cache without reading the pixels (make's rule: a changed file has a new
+        mtime; a copy that keeps size and mtime, ``cp -p``, counts as the same file)."""
+        import PIL
+
+        h = hashlib.sha256(f"{PREPROCESSING}|pillow {PIL.__version__}|{self.size}".encode())
         for p in self.paths:
             st = p.stat()
             h.update(f"|{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -106,8 +109,9 @@ class LazyImages:
         self.device = torch.device(device)
         self.identity = identity  # the data's identity for the feature cache when the dataset has no fingerprint
         side = getattr(dataset, "size", None)
+        side = side if isinstance(side, int) else (None if len(dataset) else 1)
         # an ImageFiles knows its shape; another dataset shows it by its first item
-        item = torch.zeros(3, side, side) if isinstance(side, int) else dataset[0][0]
+        item = torch.zeros(3, side, side) if isinstance(side, int) else self._item(0)
         self.shape = torch.Size((len(dataset), *item.shape))
         self.dtype = item.dtype
         self.ndim = len(self.shape)
@@ -142,10 +146,19 @@ class LazyImages:
         rows = self._rows(idx)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"rows {rows.min()}..{rows.max()} out of range for {len(self)} images")
-        images = list(_threads().map(lambda r: self.dataset[int(r)][0], rows))
+        images = list(_threads().map(self._item, rows))
         if not images:
             return torch.empty((0, *self.shape[1:]), dtype=self.dtype, device=self.device)
         return torch.stack(images).to(self.device)
+
+    def _item(self, row) -> torch.Tensor:
+        try:
+            return self.dataset[int(row)][0]
+        except ValueError:
+            raise  # ours (CustomTaskError) already names the file
+        except Exception as err:  # noqa: BLE001 - torchvision/PIL raise OSError, SyntaxError ... without the path
+            raise ValueError(f"{_source_of(self.dataset, int(row))}: not a readable image ({type(err).__name__}: "
+                             f"{err})") from err
 
     def subset(self, idx) -> "LazyImages":
         """The rows ``idx`` as another lazy split (nothing is decoded)."""
@@ -159,7 +172,10 @@ class LazyImages:
 
     def batches(self, batch_size: int = 256):
         """Every row in order, ``batch_size`` at a time, through a ``DataLoader`` (:func:`loader_workers` workers)."""
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, num_workers=loader_workers())
+        # a generator of its own: iterating a DataLoader draws from the global RNG otherwise, and a cold or warm
+        # feature cache would then change the guide's initialisation (and desynchronise torchrun ranks)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=batch_size, num_workers=loader_workers(),
+                                             generator=torch.Generator())
         for x, _ in loader:
             yield x.to(self.device)
 
@@ -174,6 +190,9 @@ class LazyImages:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.cat:
+            dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else 0)
+            if dim != 0 or (kwargs or {}).get("out") is not None:
+                raise TypeError("streamed images concatenate along rows only (dim=0, no out=)")
             return concat(list(args[0]))
         return NotImplemented
 
@@ -203,6 +222,42 @@ class _Concat(Dataset):
                 return None
             h.update(fp.encode())
         return h.hexdigest()
+
+
+def _source_of(dataset, row: int) -> str:
+    """The file behind ``dataset[row]`` when the dataset says (torchvision's ``samples``/``imgs``/``_samples``)."""
+    from torch.utils.data import Subset
+
+    while isinstance(dataset, Subset):
+        dataset, row = dataset.dataset, int(dataset.indices[row])
+    for attr in ("samples", "imgs", "_samples"):
+        items = getattr(dataset, attr, None)
+        if items is not None and row < len(items):
+            return str(items[row][0])
+    return f"row {row} of {type(dataset).__name__}"
+
+
+def file_stats_digest(dataset) -> str:
+    """sha256 of the (path, size, mtime) of the files a torchvision dataset lists (``samples``/``imgs``/
+    ``_samples``), or of every file under its ``root`` folder (sets stored in a few binary files): a replaced file
+    changes it."""
+    from torch.utils.data import Subset
+
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    paths = None
+    for attr in ("samples", "imgs", "_samples"):
+        items = getattr(dataset, attr, None)
+        if items is not None:
+            paths = [Path(str(i[0])) for i in items]
+            break
+    if paths is None and getattr(dataset, "root", None) is not None:
+        paths = sorted(p for p in Path(dataset.root).rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in paths or []:
+        st = p.stat()
+        h.update(f"|{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 def rows_digest(identity: str, rows: np.ndarray) -> str:

@@ -13,24 +13,27 @@ from torch.utils.data import TensorDataset
 
 from pyro_tvc.data import EMBEDDED_TASKS, dataset_labels, load_task
 from pyro_tvc.data.custom import is_task_path, task_name
-from pyro_tvc.data.streaming import LazyImages, fit_in_memory, rows_digest, take
+from pyro_tvc.data.streaming import LazyImages, file_stats_digest, fit_in_memory, rows_digest, take
 
 
 def _images_and_labels(dataset, identity: str | None = None) -> tuple:
     """``(images, labels [N])`` of a split: the tensors of an in-memory one, a :class:`LazyImages` of a file one."""
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[0], dataset.tensors[1]
-    if identity is not None and hasattr(dataset, "indices"):  # a seeded split of a real set: its rows are its identity
-        identity = rows_digest(identity, np.asarray(dataset.indices))
+    if identity is not None:  # a real set: its files' stats, and for a seeded split its rows
+        identity = f"{identity}:{file_stats_digest(dataset)}"
+        if hasattr(dataset, "indices"):
+            identity = rows_digest(identity, np.asarray(dataset.indices))
     return LazyImages(dataset, identity=identity), torch.as_tensor(dataset_labels(dataset)).long()
 
 
 def real_split_identity(data_root, name: str, transform) -> str:
-    """A real set's identity for the feature cache: its resolved location, name and the preprocessing (the split's
-    rows are added per subset), the same cheap identity as ``prepare``'s recipes (:mod:`pyro_tvc.recipes`)."""
+    """A real set's identity for the feature cache: its resolved location, name and preprocessing (the transform's
+    text without memory addresses); each split adds its rows and the (path, size, mtime) of its files."""
+    import re
     from pathlib import Path
 
-    return f"real:{Path(data_root).resolve()}:{name}:{transform!r}"
+    return f"real:{Path(data_root).resolve()}:{name}:{re.sub(r' at 0x[0-9a-fA-F]+', '', repr(transform))}"
 
 
 def few_shot_indices(labels: np.ndarray, shots: int, seed: int, classes: list[str] | None = None) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,7 +66,11 @@ def text_manifest() -> dict:
 
 def _rows(task: str, split: str) -> list[dict]:
     path = TEXT_DIR / task / f"{split}.jsonl.gz"
-    data = gzip.decompress(path.read_bytes())
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, zlib.error) as err:
+        raise TextTaskError(f"{path}: not a readable gzip file ({type(err).__name__}); reinstall the package or "
+                            f"re-run scripts/vendor_text.py") from err
     expected = text_manifest()["tasks"][task]["sha256"][f"{split}.jsonl"]
     if hashlib.sha256(data).hexdigest() != expected:
         raise TextTaskError(f"{path}: its content differs from the upstream sha256 {expected[:12]}...; reinstall "
@@ -82,7 +87,7 @@ def _split(task: str, split: str, pair: bool, num_classes: int) -> TextSplit:
             raise TextTaskError(f"{task}/{split}.jsonl, line {line}: empty or missing {'/'.join(fields)}; every "
                                 f"example needs text")
         label = row.get("label")
-        if not isinstance(label, int) or not 0 <= label < num_classes:
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
             raise TextTaskError(f"{task}/{split}.jsonl, line {line}: label {label!r}; expected an integer in "
                                 f"[0, {num_classes})")
         texts.append(tuple(values) if pair else values[0])

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pyro_tvc import distributed
+from pyro_tvc.data import EMBEDDED_TASKS
 from pyro_tvc.experiments.config import BenchmarkConfig, full_grid
 from pyro_tvc.methods import get_method
 from pyro_tvc.protocols import get_protocol
@@ -69,7 +70,9 @@ def cell_key(cfg: BenchmarkConfig, ws, cell: tuple) -> str:
             "theta0": ws.theta0_sha256, "version": 1}
     if target in ws.custom:  # your own task: its content, not only its name
         spec["data"] = custom_data_identity(ws.custom[target])
-    if cfg.data_root is not None:  # real sets: where they are read from
+    real = [t for t in ([target] + list(cfg.pool or ws.with_vectors)) if t not in EMBEDDED_TASKS and t not in ws.custom
+            and t != ALL_TASKS]
+    if cfg.data_root is not None and real:  # real sets: where they are read from (embedded-only cells keep their key)
         spec["data_root"] = str(Path(cfg.data_root).expanduser().resolve())
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{protocol}-{method}-{target}-s{seed}-{digest}"

@@ -28,8 +28,13 @@ class FinetunedPredictor(Predictor):
                 continue
             coef = torch.zeros(T, B, device=out.device, dtype=next(self.composer.module.parameters()).dtype)
             coef[self.own.index(name)] = 1.0
-            out[rows] = ComposedPredictor(self.composer, self.heads, coef).probs(data.subset(rows))
+            predictor = ComposedPredictor(self.composer, self.heads, coef)
+            for chunk in rows.split(CHUNK):  # a streamed split is decoded a chunk at a time, never whole
+                out[chunk] = predictor.probs(data.subset(chunk))
         return out
+
+
+CHUNK = 512
 
 
 def fit(ctx: MethodContext) -> FitResult:
