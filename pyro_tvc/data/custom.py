@@ -14,7 +14,7 @@ Layouts (``docs/custom-tasks.md``):
 
 Images are decoded with PIL, converted to RGB and resized to the model's input size with CLIP's normalisation, when
 they are read: a folder's or a CSV's splits are lazy (:mod:`pyro_tvc.data.streaming`), and loading only lists and
-checks the files (PIL's ``verify``, one file at a time). A val
+checks the files (PIL's ``verify`` and one decode that is not kept, one file at a time). A val
 split that is not given is carved from train (10 % of every class, seeded), as for the embedded sets. Every problem
 is refused with :class:`CustomTaskError` (a ``ValueError``) naming the file and what was expected; unreadable images
 are refused too, unless ``skip_bad_images`` (then they are counted in ``TaskSplits.skipped``).
