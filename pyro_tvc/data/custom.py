@@ -22,6 +22,7 @@ are refused too, unless ``skip_bad_images`` (then they are counted in ``TaskSpli
 from __future__ import annotations
 
 import csv
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,14 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
 def _readable(path: Path) -> bool:
     """Whether PIL identifies the file, its data pass the format's own checks (``verify``: chunk CRCs for PNG) and
-    its pixels decode (a truncated JPEG or GIF passes ``verify``); one file at a time, nothing kept."""
+    its pixels decode (a truncated JPEG or GIF passes ``verify``); one file at a time, nothing kept. Remembered per
+    (path, size, mtime) for the process: the benchmark loads a target once to register it and again per seed."""
+    st = path.stat()
+    return _readable_file(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _readable_file(path: str, size: int, mtime_ns: int) -> bool:  # size and mtime: part of the cache key only
     from PIL import Image
 
     try:
