@@ -10,6 +10,8 @@ composed parameter ``W_i = W_0 + sum_c coef[i, c] comps[c]``. Per layer type:
   ``x W_0^T + sum_c coef[i, c] (x comps_c^T)`` as one GEMM against ``[W_0; comps]`` (same cost, no W_i at all).
 * low-rank components: ``x W_0^T + ((x V) * (coef ⊗ S)) U^T``: two dense GEMMs for all samples at once.
 * vectors (biases, LayerNorm affine, class/positional embeddings): the per-sample tensor itself (cheap).
+* embedding tables (BERT's word/position/type embeddings): only the looked-up rows are composed,
+  ``E_0[ids] + sum_c coef[i, c] comps_c[ids]`` (one gather of ``[C, d]`` rows per token; low rank: ``U_c[ids]``).
 
 The forwards are installed by :func:`patched_forwards`, which temporarily replaces ``forward`` on the modules
 that own composed parameters; :data:`FAST_FORWARDS` says which module types are supported.
@@ -278,6 +280,32 @@ def vision_transformer_forward(module: nn.Module, x: torch.Tensor) -> torch.Tens
     return pooled @ proj
 
 
+def embedding_forward(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """``ids [N, *]`` -> ``[N, *, d]`` through the per-sample table ``E_i = E_0 + sum_c coef[i, c] comps_c``: only the
+    looked-up rows of the components are gathered (never ``N`` tables)."""
+    weight = _param(module, "weight")
+    if module.max_norm is not None:
+        raise NotImplementedError("fast composition does not support nn.Embedding(max_norm=...); use method='reference'")
+    if not isinstance(weight, Composed):
+        return F.embedding(ids, weight)
+    comps, coef = weight.comps, weight.coef
+    n = coef.shape[0]
+    if ids.shape[0] != n:  # ids shared by the batch (BERT's position ids [1, L]): each sample its own table
+        ids = ids.expand(n, *ids.shape[1:])
+    base = F.embedding(ids, weight.base)
+    C = coef.shape[1]
+    if comps.factors is not None:  # rows of U, scaled by coef (x) S, then V^T: [N, *, C*r] @ [C*r, d]
+        U, S, Vh = comps.factors
+        r = S.shape[1]
+        rows = F.embedding(ids, U.permute(1, 0, 2).reshape(U.shape[1], C * r))
+        scale = (coef[:, :, None] * S[None]).reshape(n, *([1] * (ids.ndim - 1)), C * r)
+        return base + (rows * scale) @ Vh.reshape(C * r, -1)
+    d = comps.dense.shape[-1]
+    rows = F.embedding(ids, comps.dense.permute(1, 0, 2).reshape(-1, C * d))  # [N, *, C*d]
+    rows = rows.reshape(*ids.shape, C, d)
+    return base + torch.einsum("n...cd,nc->n...d", rows, coef)
+
+
 def _vision_transformer_type():
     from open_clip.transformer import VisionTransformer
 
@@ -288,6 +316,7 @@ FAST_FORWARDS: list[tuple[Callable[[], type], Callable]] = [
     (lambda: nn.Linear, linear_forward),
     (lambda: nn.LayerNorm, layer_norm_forward),
     (lambda: nn.Conv2d, conv2d_forward),
+    (lambda: nn.Embedding, embedding_forward),
     (lambda: nn.MultiheadAttention, multihead_attention_forward),
     (_vision_transformer_type, vision_transformer_forward),
 ]
