@@ -1,5 +1,5 @@
 # The two entry points of the README (demo, test). Both set up .venv first (idempotent).
-.PHONY: demo test venv full results clean
+.PHONY: demo test venv full results text clean
 
 venv:
 	@bash scripts/setup.sh
@@ -29,6 +29,15 @@ results: venv
 	.venv/bin/python benchmarks/lowrank_accuracy.py --out benchmarks/results/lowrank_accuracy.json
 	.venv/bin/python benchmarks/stream_memory.py --out benchmarks/results/stream_memory.json
 	cp artifacts/pyro-tvc-tiny/table.json benchmarks/results/prepare_table.json
+	.venv/bin/python scripts/update_readme.py
+
+# The text path (issue 14): prepare six text tasks on all-MiniLM-L6-v2, the benchmark on them into results/text.
+text: venv
+	.venv/bin/pyro-tvc prepare --modality text --quiet
+	.venv/bin/pyro-tvc benchmark --artifacts artifacts/all-MiniLM-L6-v2 --protocols target \
+		--methods zero_shot finetuned task_arithmetic atlas metanet vtvc_gated --seeds 1 2 3 --max-train 500 \
+		--eval-samples 4 --out results/text --resume
+	cp artifacts/all-MiniLM-L6-v2/table.json benchmarks/results/prepare_text_table.json
 	.venv/bin/python scripts/update_readme.py
 
 clean:

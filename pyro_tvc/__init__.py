@@ -12,7 +12,7 @@ def load_prepared(artifacts="artifacts/pyro-tvc-tiny", device: str = "auto"):
     """
     from pathlib import Path
 
-    from pyro_tvc.protocols.workspace import Workspace
+    from pyro_tvc.protocols.workspace import open_workspace
     from pyro_tvc.runtime import resolve_device
 
-    return Workspace(Path(artifacts), resolve_device(device))
+    return open_workspace(Path(artifacts), resolve_device(device))

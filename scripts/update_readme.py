@@ -5,7 +5,8 @@
 Every number in that section comes from a file: results/results.json and results/table.md (the full benchmark),
 results/converged/ (the longer-trained per-sample methods), gradient_variance_conditional_gated.json,
 benchmarks/results/prepare_table.json (a copy of artifacts/pyro-tvc-tiny/table.json), compose_quick.json,
-compose_full.json, svi_step.json, lowrank_accuracy.json, gradient_variance.json.
+compose_full.json, svi_step.json, lowrank_accuracy.json, gradient_variance.json; the text path's
+results/text/ and benchmarks/results/prepare_text_table.json (``make text``).
 """
 from __future__ import annotations
 
@@ -158,6 +159,37 @@ def converged_section() -> list[str]:
     return parts
 
 
+def text_section() -> list[str]:
+    """results/text: the same benchmark on text artefacts (prepare --modality text; issue 14)."""
+    res, prep = load("results/text/results.json"), load("benchmarks/results/prepare_text_table.json")
+    parts = []
+    if prep:
+        enc = prep["encoder"]
+        parts += [f"**Text** (`benchmarks/results/prepare_text_table.json`, a copy of the table of `pyro-tvc prepare "
+                  f"--modality text`): {enc['name']}, {enc['max_length']} tokens, the top "
+                  f"{enc['layers'] - enc['start_layer']} of {enc['layers']} layers fine-tuned, head = linear probe "
+                  f"on theta_0's sentence features; prepare took {prep['seconds']:.0f} s. Test %:\n",
+                  "| task | classes | probe (zero-shot column) | fine-tuned | paper metric: probe -> fine-tuned |",
+                  "|---|---|---|---|---|"]
+        for r in prep["rows"]:
+            metric = "" if r["metric"] == "accuracy" else \
+                f"{r['metric'].upper()} {fmt(r['probe_metric'])} -> {fmt(r['fine_tuned_metric'])}"
+            parts.append(f"| {r['task']} | {r['classes']} | {fmt(r['zero_shot'])} | {fmt(r['fine_tuned'])} | {metric} |")
+        parts.append("")
+    if res:
+        cfg, t = res["config"], res["summary"].get("target", {})
+        table = (ROOT / "results" / "text" / "table.md").read_text().split("\n", 2)[-1]
+        parts += [f"**Text benchmark** (`results/text/`: `pyro-tvc benchmark --artifacts {Path(cfg['artifacts']).name} "
+                  f"...`, seeds {cfg['seeds']}, {cfg['epochs']} epochs, at most {cfg['max_train']} training texts "
+                  f"per target; scores: accuracy, MCC for CoLA, F1 for MRPC):\n", table.replace("](", "](results/text/"),
+                  "**On text** (paired over seeds, from `results/text/results.json`):\n",
+                  claim(t, "vtvc_gated:single", "atlas:single", "VTVC (gated) > aTLAS"),
+                  claim(t, "vtvc_gated:single", "task_arithmetic:single", "VTVC (gated) > Task Arithmetic"),
+                  claim(t, "vtvc_gated:single", "metanet:single", "VTVC (gated) vs the meta-net"),
+                  claim(t, "atlas:single", "zero_shot:single", "aTLAS > the frozen probe (zero-shot row)"), ""]
+    return parts
+
+
 def main() -> None:
     parts = []
     table = load("benchmarks/results/prepare_table.json")
@@ -171,6 +203,7 @@ def main() -> None:
         parts.append(f"| **average** | | {fmt(a['chance'])} | {fmt(a['zero_shot'])} | {fmt(a['fine_tuned'])} |\n")
     parts += benchmark_section()
     parts += converged_section()
+    parts += text_section()
     comp = load("benchmarks/results/compose_quick.json")
     if comp:
         parts.append(f"**Composition engine** (`benchmarks/results/compose_quick.json`, tiny CLIP, batch 64, T = 7, "

@@ -95,8 +95,16 @@ def _split(task: str, split: str, pair: bool, num_classes: int) -> TextSplit:
     return TextSplit(texts, np.asarray(labels, dtype=np.int64))
 
 
-def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_train: int | None = None) -> TextTask:
-    """One shipped text task with train/val/test splits; ``max_train`` keeps a seeded subset of train.
+def _capped(split: TextSplit, cap: int | None, seed: int) -> TextSplit:
+    if cap is None or len(split) <= cap:
+        return split
+    return split.subset(np.sort(np.random.RandomState(seed).permutation(len(split))[:cap]))
+
+
+def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_train: int | None = None,
+                   max_val: int | None = None, max_test: int | None = None) -> TextTask:
+    """One shipped text task with train/val/test splits; ``max_train`` keeps a seeded subset of train, ``max_val``
+    of val; ``max_test`` a fixed subset of test (seed 0 whatever ``seed``: every run scores the same inputs).
 
     Raises:
         TextTaskError: an unknown name (the message lists the shipped ones), a damaged file, an empty text field
@@ -110,5 +118,5 @@ def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_trai
     train_idx, val_idx = stratified_val_indices(train.labels, val_fraction, seed)
     if max_train is not None and len(train_idx) > max_train:
         train_idx = np.sort(np.random.RandomState(seed).permutation(train_idx)[:max_train])
-    return TextTask(name, classes, pair, train.subset(train_idx), train.subset(val_idx),
-                    _split(name, "test", pair, len(classes)))
+    return TextTask(name, classes, pair, train.subset(train_idx), _capped(train.subset(val_idx), max_val, seed),
+                    _capped(_split(name, "test", pair, len(classes)), max_test, 0))

@@ -8,6 +8,7 @@ import pandas as pd
 
 from pyro_tvc.experiments.config import ISSUE_TARGETS
 from pyro_tvc.methods import get_method
+from pyro_tvc.text.metrics import PAPER_METRICS
 
 PREDICTION_LABEL = {"single": "", "mc": " (MC)"}
 MAIN_METRIC = {"target": "accuracy", "addition": "accuracy", "negation": "accuracy"}
@@ -59,19 +60,35 @@ def task_sets(df: pd.DataFrame, protocol: str) -> list[list[str]]:
     return [list(s) for s in sorted(sets, key=len, reverse=True)]
 
 
-def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str]) -> tuple[str, dict]:
-    """Methods run on every task of ``tasks``, restricted to them (so averages compare like with like)."""
+def with_task_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """Add metric ``score``: each task's paper metric (MCC for CoLA, F1 for MRPC, accuracy otherwise), in %;
+    unchanged when no task has another metric than accuracy."""
+    other = df.metric.isin([name for name, _ in PAPER_METRICS.values()])
+    if not other.any():
+        return df
+    tasks = set(df[other].task)
+    acc = df[(df.metric == "accuracy") & ~df.task.isin(tasks)]
+    return pd.concat([df, acc.assign(metric="score"), df[other].assign(metric="score")], ignore_index=True)
+
+
+def _task_header(task: str, metric: str) -> str:
+    return f"{task} ({PAPER_METRICS[task][1]})" if metric == "score" and task in PAPER_METRICS else task
+
+
+def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str], metric: str = "accuracy") -> tuple[str, dict]:
+    """Methods run on every task of ``tasks``, restricted to them (so averages compare like with like); per-task
+    cells and the average of ``metric`` (``score``: each task's paper metric, :func:`with_task_scores`)."""
     sub = df[df.protocol == protocol]
     if sub.empty:
         return "", {}
     covered = [m for m, g in sub[sub.metric == "accuracy"].groupby("method", sort=False) if set(tasks) <= set(g.task)]
     sub = sub[sub.method.isin(covered) & (sub.task.isin(tasks) | (sub.task == "ALL"))]
-    avg = seed_averages(sub, "accuracy", len(tasks))
+    avg = seed_averages(sub, metric, len(tasks))
     cost = relative_cost(df, protocol)
     extra = {"addition": [("normalized_accuracy", "normalised avg %")],
              "negation": [("control_accuracy", "control avg %"), ("control_retained_percent", "control kept %")]}
     extra = extra.get(protocol, [])
-    head = ["method"] + tasks + ["average", "seeds"] + [h for _, h in extra] + ["exact zeros %", "train s",
+    head = ["method"] + [_task_header(t, metric) for t in tasks] + ["average", "seeds"] + [h for _, h in extra] + ["exact zeros %", "train s",
                                                                                  "inference × zero-shot"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
@@ -80,7 +97,7 @@ def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str]) -> tuple[s
             continue
         cells = [label(m, p)]
         for t in tasks:
-            cells.append(_fmt(*_mean_sd(g[(g.metric == "accuracy") & (g.task == t)].value)))
+            cells.append(_fmt(*_mean_sd(g[(g.metric == metric) & (g.task == t)].value)))
         per_seed = avg[(avg.method == m) & (avg.prediction == p)].set_index("seed")["value"]
         mean, sd, n = _mean_sd(per_seed.values)
         cells += [_fmt(mean, sd, n), str(n)]
@@ -195,6 +212,8 @@ def write_reports(records: list[dict], out: Path, cfg, ws) -> dict:
     df = pd.DataFrame.from_records(records, columns=["protocol", "method", "prediction", "task", "seed", "metric",
                                                      "value"])
     df.to_csv(out / "results.csv", index=False)
+    df = with_task_scores(df)
+    metric = "score" if (df.metric == "score").any() else "accuracy"
     parts, summary = [f"# Benchmark `{out}`", "",
                       f"Seeds {cfg.seeds}; mean ± sd over seeds (paired: every method sees the same data and seed); "
                       f"per-sample methods at rank {cfg.rank or 'full'}, {cfg.epochs} epochs with val selection; "
@@ -204,9 +223,11 @@ def write_reports(records: list[dict], out: Path, cfg, ws) -> dict:
     for protocol in dict.fromkeys(df.protocol):
         for i, tasks in enumerate(task_sets(df, protocol)):
             key = protocol if i == 0 else f"{protocol}:{','.join(tasks)}"
-            table, summary[key] = protocol_table(df, protocol, tasks)
+            table, summary[key] = protocol_table(df, protocol, tasks, metric)
             scope = "" if i == 0 else f" — every method, on {', '.join(tasks)}"
-            parts += [f"## {TITLES[protocol]}{scope}", "", table]
+            title = TITLES[protocol] if metric == "accuracy" else TITLES[protocol].replace(
+                "accuracy %", "score % (accuracy; MCC for CoLA, F1 for MRPC)")
+            parts += [f"## {title}{scope}", "", table]
         plot_accuracy(df, protocol, out / f"accuracy_{protocol}.png")
         plot_cost(summary[protocol], protocol, out / f"cost_{protocol}.png")
         parts += [f"![accuracy per task]({'accuracy_' + protocol}.png)", ""]

@@ -89,11 +89,11 @@ def _relabelled(cell: tuple, rows: list[dict]) -> list[dict]:
 def run_benchmark(cfg: BenchmarkConfig) -> dict:
     """Run (or resume) the benchmark into ``cfg.out``; returns ``{"records": [...], "tables": {...}}``."""
     from pyro_tvc.experiments.report import write_reports
-    from pyro_tvc.protocols.workspace import Workspace
+    from pyro_tvc.protocols.workspace import open_workspace
     from pyro_tvc.runs import prepare_run_folder
 
     device = distributed.local_device(resolve_device(cfg.device))
-    ws = Workspace(cfg.artifacts, device, quiet=cfg.quiet, data_root=cfg.data_root)
+    ws = open_workspace(cfg.artifacts, device, quiet=cfg.quiet, data_root=cfg.data_root)
     cells = plan(cfg, ws)  # every check before anything is written
     rank, size = distributed.world(device)  # under torchrun the ranks share the cells; rank 0 reports
     out = Path(cfg.out)

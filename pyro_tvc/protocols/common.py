@@ -6,9 +6,9 @@ import time
 import torch
 
 from pyro_tvc.diagnostics.summaries import auroc, expected_calibration_error, predictive_entropy
-
 from pyro_tvc.evaluation import nll
 from pyro_tvc.methods.base import FitResult, TaskData, per_task_accuracy
+from pyro_tvc.text.metrics import paper_metric
 
 # what a method learned that the tables report (FitResult.learned keys; docs/glossary.md)
 LEARNED_METRICS = ("true_elbo_per_datum", "gate_fraction_pruned", "gate_fraction_reliable", "gate_fraction_sampled",
@@ -52,6 +52,9 @@ def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test:
                     score = auroc(predictive_entropy(p), p.argmax(-1) != y)
                     if score == score:
                         rows.append(record(protocol, method, kind, name, seed, "auroc_entropy_error", score))
+                    metric = paper_metric(name, p.argmax(-1), y)  # MCC for CoLA, F1 for MRPC (GLUE's metrics)
+                    if metric is not None:
+                        rows.append(record(protocol, method, kind, name, seed, *metric))
         rows.append(record(protocol, method, kind, "ALL", seed, "inference_ms_per_input", ms))
         zeros = predictor.exact_zero_fraction(test)
         if zeros is not None:

@@ -97,6 +97,18 @@ class Workspace:
                 for k, v in self._data[key].items()}
 
 
+def open_workspace(artifacts: Path, device: torch.device, quiet: bool = True, data_root: Path | None = None):
+    """The workspace of an artefact folder: :class:`Workspace` for CLIP artefacts, the text workspace
+    (:class:`pyro_tvc.text.workspace.TextWorkspace`) for those of ``prepare --modality text``."""
+    from pyro_tvc.text.prepare import is_text_artifacts
+
+    if is_text_artifacts(Path(artifacts)):
+        from pyro_tvc.text.workspace import TextWorkspace
+
+        return TextWorkspace(artifacts, device, quiet=quiet, data_root=data_root)
+    return Workspace(artifacts, device, quiet=quiet, data_root=data_root)
+
+
 def prepared_task_path(paths: ArtifactPaths, name: str) -> str | None:
     """Where ``prepare`` read the task ``name`` when it was given by path (its vector's recipe records it)."""
     if name in EMBEDDED_TASKS:

@@ -1,0 +1,234 @@
+"""``pyro-tvc prepare --modality text``: a frozen head and one task vector per text task on a local HF encoder.
+
+Per task: theta_0's sentence features (mean-pooled) of the train split give a **linear probe** (multinomial
+logistic regression, L2 chosen on val; trained once, then frozen: the text analogue of the zero-shot head), then the
+top ``text_layers`` transformer layers are fine-tuned with that head frozen (Adam, ``finetune_steps`` steps) and
+their difference to theta_0 is the task vector. The bottom layers stay frozen, so their output is computed once
+(:func:`pyro_tvc.text.encoder.prefix_states`) and every later forward runs only the top layers: that is what keeps
+six tasks under 20 minutes on 2 cores (docs/text.md gives the budget). Artefacts reuse the image layout
+(:mod:`pyro_tvc.artifacts`) plus ``text_encoder.json`` (model folder, its sha256, start layer, sequence length).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pyro_tvc.artifacts import ArtifactPaths, load_head, save_head, vector_metadata
+from pyro_tvc.backbones import ZeroShotHead
+from pyro_tvc.data.text import TEXT_TASKS, TextSplit, load_text_task
+from pyro_tvc.recipes import RECIPE_KEY, canonical_json, recipe_sha256, stored_recipe
+from pyro_tvc.reporting import markdown_table
+from pyro_tvc.runtime import atomic_write_text, check_writable_folder, progress, read_json, resolve_device, \
+    seed_everything, write_json
+from pyro_tvc.task_vectors import TaskVector, state_dict_sha256
+from pyro_tvc.text.encoder import (DEFAULT_TEXT_MODEL, SentenceEncoder, TextModelError, load_text_model, num_layers,
+                                   prefix_states, resolve_model_folder, sentence_features,
+                                   tokenize)
+from pyro_tvc.text.metrics import PAPER_METRICS, paper_metric
+
+TEXT_FORMAT = "pyro-tvc-text/1"
+TEXT_DEFAULT_TASKS = ("sst2", "ag_news", "trec", "subj", "cola", "mrpc")
+MAX_VAL, MAX_TEST = 300, 1000  # caps of the held-out splits (2-core budget; test is a fixed subset)
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """What shapes theta_0's text inputs: the model folder, sequence length and the first fine-tuned layer."""
+
+    folder: Path
+    max_length: int
+    start_layer: int
+
+
+def encoder_info_path(root: Path) -> Path:
+    return Path(root) / "text_encoder.json"
+
+
+def is_text_artifacts(root: Path) -> bool:
+    return encoder_info_path(root).is_file()
+
+
+def read_encoder_info(root: Path) -> dict:
+    info = read_json(encoder_info_path(root))
+    if info.get("format") != TEXT_FORMAT:
+        raise ValueError(f"{encoder_info_path(root)}: not a pyro-tvc text-encoder file (format {info.get('format')!r})")
+    return info
+
+
+def model_sha256(model) -> str:
+    return state_dict_sha256(model.state_dict())
+
+
+def encode_split(model, tokenizer, split: TextSplit, settings: TextSettings, tail: SentenceEncoder,
+                 batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(prefix states [N, L, D+1], theta_0's features [N, D], labels [N])`` of one split."""
+    tokens = tokenize(tokenizer, split.texts, settings.max_length)
+    prefix = prefix_states(model, tokens, settings.start_layer, batch_size)
+    return prefix, sentence_features(tail, prefix, batch_size), torch.as_tensor(split.labels)
+
+
+def linear_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, l2_grid=(1e-4, 1e-3, 1e-2)) -> tuple[ZeroShotHead, float]:
+    """Multinomial logistic regression on normalised features (L-BFGS), its L2 weight chosen on val accuracy.
+    Returns the head (``logits = normalize(f) @ W^T``) and its val accuracy (%)."""
+    x, xv = F.normalize(train_f, dim=-1), F.normalize(val_f, dim=-1)
+    best = None
+    for l2 in l2_grid:
+        w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+        opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ w.T, train_y) + l2 * w.square().sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        acc = 100.0 * ((xv @ w.detach().T).argmax(-1) == val_y).float().mean().item()
+        if best is None or acc > best[1]:
+            best = (w.detach().clone(), acc)
+    return ZeroShotHead(best[0], 1.0), best[1]
+
+
+def finetune_tail(tail: SentenceEncoder, head: ZeroShotHead, prefix: torch.Tensor, labels: torch.Tensor, steps: int,
+                  lr: float, batch_size: int, seed: int, quiet: bool, device) -> None:
+    """Adam on the tail's parameters with the head frozen; batches drawn with their own seeded generator."""
+    tail.train()
+    tail.requires_grad_(True)
+    params = [p for p in tail.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=gen)
+    pos = 0
+    for _ in progress(range(steps), quiet, desc="fine-tune"):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(labels), generator=gen), 0
+        idx = order[pos:pos + batch_size]
+        pos += batch_size
+        loss = F.cross_entropy(head(tail(prefix[idx].to(device))), labels[idx].to(device))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    tail.eval()
+    tail.requires_grad_(False)
+
+
+def _scores(tail, head, prefix, labels, task: str, batch_size: int = 256) -> dict:
+    pred = head(sentence_features(tail, prefix, batch_size)).argmax(-1)
+    out = {"accuracy": round(100.0 * (pred == labels).float().mean().item(), 2)}
+    metric = paper_metric(task, pred.numpy(), labels.numpy())
+    if metric is not None:
+        out[metric[0]] = round(metric[1], 2)
+    return out
+
+
+def validate_text(cfg) -> TextSettings:
+    """Text-specific checks (unknown task, model folder, layers, length) before any work.
+
+    Raises:
+        ValueError: one line naming the option, what was given and what is accepted.
+    """
+    unknown = [t for t in cfg.tasks if t not in TEXT_TASKS]
+    if unknown or not cfg.tasks:
+        raise ValueError(f"--tasks {unknown or '[]'}: unknown text task(s); shipped text tasks: {', '.join(TEXT_TASKS)}")
+    repeated = sorted({t for t in cfg.tasks if list(cfg.tasks).count(t) > 1})
+    if repeated:
+        raise ValueError(f"--tasks: {repeated} given more than once")
+    if cfg.data_root is not None or cfg.pretrained is not None:
+        raise ValueError("--modality text reads the shipped text sets and a model folder (--model PATH); "
+                         "--data-root and --pretrained are for images")
+    if not 8 <= cfg.max_length <= 512:
+        raise ValueError(f"--max-length {cfg.max_length}: expected an integer in [8, 512]")
+    return TextSettings(resolve_model_folder(cfg.text_model()), cfg.max_length, -1)
+
+
+def run_prepare_text(cfg) -> dict:
+    """Build (or reuse) the text artefacts of ``cfg.tasks`` and return the table (probe vs fine-tuned, test)."""
+    settings = validate_text(cfg)
+    check_writable_folder(cfg.out)
+    paths = ArtifactPaths(Path(cfg.out))
+    device = resolve_device(cfg.device)
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed)
+    model, tokenizer = load_text_model(settings.folder, device)
+    layers = num_layers(model)
+    if not 1 <= cfg.text_layers <= layers:
+        raise TextModelError(f"--text-layers {cfg.text_layers}: the encoder has {layers} layers; expected 1..{layers}")
+    settings = TextSettings(settings.folder, cfg.max_length, layers - cfg.text_layers)
+    model_sha = model_sha256(model)
+    default = str(cfg.text_model()) == DEFAULT_TEXT_MODEL
+    info = {"format": TEXT_FORMAT, "name": DEFAULT_TEXT_MODEL if default else settings.folder.name,
+            "model": DEFAULT_TEXT_MODEL if default else str(settings.folder), "model_sha256": model_sha,
+            "start_layer": settings.start_layer, "max_length": settings.max_length, "layers": layers}
+    tail = SentenceEncoder(model, settings.start_layer).requires_grad_(False)
+    theta0 = {k: v.detach().clone() for k, v in tail.state_dict().items()}
+    theta0_sha = recipe_sha256({"model": model_sha, "start_layer": settings.start_layer,
+                                "max_length": settings.max_length})
+    info["theta0_sha256"] = theta0_sha
+    previous = read_encoder_info(paths.root) if is_text_artifacts(paths.root) else None
+    if previous is not None and previous.get("theta0_sha256") != theta0_sha and not cfg.rebuild:
+        raise ValueError(f"--out {paths.root}: holds text artefacts of another encoder setting (model, start layer "
+                         f"or length); pass --rebuild to replace them or choose another --out")
+    write_json(encoder_info_path(paths.root), info)
+    hyper = {"steps": cfg.finetune_steps, "lr": cfg.finetune_lr, "batch_size": cfg.batch_size,
+             "max_train": cfg.max_train, "seed": cfg.seed, "max_val": MAX_VAL, "max_test": MAX_TEST}
+    table_prev = read_json(paths.table_json) if paths.table_json.exists() else {}
+    rows = {r["task"]: r for r in table_prev.get("rows", []) if isinstance(r, dict) and "task" in r}
+    for task in progress(list(cfg.tasks), cfg.quiet, desc="text tasks"):
+        data = load_text_task(task, seed=cfg.seed, max_train=cfg.max_train, max_val=MAX_VAL, max_test=MAX_TEST)
+        recipe = {"theta0_sha256": theta0_sha, "task": task, "data": recipe_sha256(
+            {s: canonical_json([getattr(data, s).texts, getattr(data, s).labels.tolist()]) for s in ("train", "val")}),
+            "head": "linear_probe", "finetune": hyper}
+        vec_path = paths.task_vector(task)
+        if vec_path.exists() and paths.head(task).exists() and \
+                stored_recipe(vector_metadata(vec_path)) == recipe and task in rows:
+            print(f"prepare: {task}: reusing its head and task vector (same recipe)", file=sys.stderr)
+            continue
+        splits = {s: encode_split(model, tokenizer, getattr(data, s), settings, tail) for s in ("train", "val", "test")}
+        (xt, ft, yt), (_, fv, yv), (xs, fs, ys) = splits["train"], splits["val"], splits["test"]
+        head, _ = linear_probe(ft, yt, fv, yv, data.num_classes)
+        save_head(head, data.classes, paths.head(task), {**recipe, "kind": "linear_probe"})
+        probe = _scores(tail, head, xs, ys, task)
+        finetune_tail(tail, head, xt, yt, cfg.finetune_steps, cfg.finetune_lr, cfg.batch_size, cfg.seed, cfg.quiet,
+                      device)
+        vector = TaskVector.from_state_dicts(theta0, tail.state_dict(), task=task, backbone=info["name"])
+        vector.meta["theta0_sha256"] = theta0_sha
+        vector.meta[RECIPE_KEY] = canonical_json(recipe)
+        vector.save(vec_path)
+        tuned = _scores(tail, head, xs, ys, task)
+        tail.load_state_dict(theta0)
+        majority = 100.0 * float(np.bincount(ys.numpy(), minlength=data.num_classes).max() / max(1, len(ys)))
+        rows[task] = {"task": task, "classes": data.num_classes, "chance": round(100.0 / data.num_classes, 2),
+                      "majority": round(majority, 2), "zero_shot": probe["accuracy"], "fine_tuned": tuned["accuracy"],
+                      "metric": PAPER_METRICS.get(task, ("accuracy",))[0],
+                      "probe_metric": probe.get(PAPER_METRICS.get(task, ("accuracy",))[0]),
+                      "fine_tuned_metric": tuned.get(PAPER_METRICS.get(task, ("accuracy",))[0]),
+                      "train": len(yt), "val": len(yv), "test": len(ys)}
+    ordered = [rows[t] for t in cfg.tasks] + [r for t, r in rows.items() if t not in cfg.tasks
+                                               and paths.task_vector(t).exists()]
+    table = {"model": info["model"], "modality": "text", "theta0_sha256": theta0_sha, "encoder": info,
+             "config": {k: str(v) for k, v in vars(cfg).items()}, "rows": ordered,
+             "average": {k: round(sum(r[k] for r in ordered) / len(ordered), 2)
+                         for k in ("chance", "zero_shot", "fine_tuned")},
+             "seconds": round(time.perf_counter() - t_start, 1)}
+    write_json(paths.table_json, table)
+    shown = [{**r, "paper metric": f"{r['metric']}: {r['probe_metric']} -> {r['fine_tuned_metric']}"
+              if r["metric"] != "accuracy" else ""} for r in ordered]
+    atomic_write_text(paths.table_md, markdown_table(
+        ["task", "classes", "chance", "zero_shot", "fine_tuned", "paper metric"],
+        shown + [{"task": "**average**", "classes": "", "paper metric": "", **table["average"]}],
+        title=f"Test accuracy (%) of theta_0's linear probe (zero_shot column) and of the fine-tuned top "
+              f"{layers - settings.start_layer} layers ({info['name']}, {settings.max_length} tokens)"))
+    return table
+
+
+def load_text_head(paths: ArtifactPaths, task: str, device="cpu") -> ZeroShotHead:
+    return load_head(paths.head(task), device)[0]

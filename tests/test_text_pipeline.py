@@ -1,0 +1,143 @@
+"""The text path end to end on a tiny BERT folder and small subsets of two shipped text sets: prepare --modality
+text, then the benchmark, against independent recomputations (Hugging Face's own forward with hand-merged
+weights; GLUE's metrics by hand); and its bad inputs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from pyro_tvc.artifacts import ArtifactPaths, load_head  # noqa: E402
+from pyro_tvc.cli import main  # noqa: E402
+from pyro_tvc.data.text import load_text_task  # noqa: E402
+from pyro_tvc.task_vectors import TaskVector  # noqa: E402
+from pyro_tvc.text.encoder import load_text_model, tokenize  # noqa: E402
+from pyro_tvc.text.metrics import f1_positive, matthews_corrcoef  # noqa: E402
+from pyro_tvc.text.prepare import MAX_TEST, MAX_VAL  # noqa: E402
+from tests.text_fixtures import tiny_bert_folder  # noqa: E402
+
+TASKS = ["trec", "mrpc"]
+PREP = ["--max-train", "160", "--finetune-steps", "40", "--finetune-lr", "3e-3", "--max-length", "32",
+        "--text-layers", "1", "--quiet", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def text_prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    model = tiny_bert_folder(root / "bert")
+    out = root / "artifacts"
+    assert main(["prepare", "--modality", "text", "--model", str(model), "--tasks", *TASKS, "--out", str(out),
+                 *PREP]) == 0
+    return model, out
+
+
+def _hf_accuracy(model_dir, vector, head, texts, labels, max_length):
+    """Independent reference: Hugging Face's BertModel with the vector added to its own parameter names (layer
+    numbering as in the encoder), mean pooling over the mask, then the head."""
+    model, tokenizer = load_text_model(model_dir)
+    state = model.state_dict()
+    for name, delta in (vector.params.items() if vector is not None else []):
+        hf = name.replace("layers.", "encoder.layer.", 1)
+        state[hf] = state[hf] + delta
+    model.load_state_dict(state)
+    x = tokenize(tokenizer, texts, max_length)
+    with torch.no_grad():
+        h = model(input_ids=x[:, 0], token_type_ids=x[:, 1], attention_mask=x[:, 2]).last_hidden_state
+    w = x[:, 2].unsqueeze(-1).float()
+    pred = head((h * w).sum(1) / w.sum(1)).argmax(-1).numpy()
+    return 100.0 * float((pred == labels).mean()), pred
+
+
+def test_prepare_text_vectors_heads_and_table_against_hugging_face(text_prepared):
+    model_dir, out = text_prepared
+    paths = ArtifactPaths(out)
+    table = json.loads(paths.table_json.read_text())
+    assert [r["task"] for r in table["rows"]] == TASKS and table["modality"] == "text"
+    info = json.loads((out / "text_encoder.json").read_text())
+    assert info["start_layer"] == 2  # 3 layers, the top one fine-tuned
+    for row in table["rows"]:
+        task = row["task"]
+        vector = TaskVector.load(paths.task_vector(task))
+        assert {n.split(".")[1] for n in vector.params} == {"2"}  # only the fine-tuned top layer's blocks
+        assert any(v.abs().max() > 0 for v in vector.params.values())
+        head, classes = load_head(paths.head(task))
+        data = load_text_task(task, seed=0, max_train=160, max_val=MAX_VAL, max_test=MAX_TEST)
+        assert classes == data.classes
+        probe, _ = _hf_accuracy(model_dir, None, head, data.test.texts, data.test.labels, 32)
+        tuned, pred = _hf_accuracy(model_dir, vector, head, data.test.texts, data.test.labels, 32)
+        assert row["zero_shot"] == pytest.approx(probe, abs=0.11)
+        assert row["fine_tuned"] == pytest.approx(tuned, abs=0.11)
+        if task == "mrpc":
+            assert row["metric"] == "f1"
+            assert row["fine_tuned_metric"] == pytest.approx(100 * f1_positive(pred, data.test.labels), abs=0.01)
+    # the fine-tuned top layer learns: above its frozen head on the training texts' task (trec, 6 classes)
+    trec = table["rows"][0]
+    assert trec["fine_tuned"] > trec["zero_shot"]
+
+
+def test_prepare_text_rerun_is_cached(text_prepared):
+    model_dir, out = text_prepared
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    assert main(["prepare", "--modality", "text", "--model", str(model_dir), "--tasks", *TASKS, "--out", str(out),
+                 *PREP]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == before
+
+
+def test_benchmark_on_text_with_paper_metrics(text_prepared, tmp_path):
+    _, out = text_prepared
+    run = tmp_path / "bench"
+    assert main(["benchmark", "--artifacts", str(out), "--out", str(run), "--protocols", "target",
+                 "--methods", "zero_shot", "finetuned", "task_arithmetic", "vtvc_gated", "--seeds", "1",
+                 "--epochs", "1", "--max-train", "64", "--eval-samples", "2", "--quiet", "--device", "cpu"]) == 0
+    records = json.loads((run / "results.json").read_text())["records"]
+    table = json.loads((out / "table.json").read_text())
+
+    def value(method, task, metric):
+        (v,) = [r["value"] for r in records if (r["method"], r["task"], r["metric"], r["prediction"]) ==
+                (method, task, metric, "single")]
+        return v
+
+    for row in table["rows"]:  # the benchmark scores prepare's own test inputs with the same heads
+        assert value("zero_shot", row["task"], "accuracy") == pytest.approx(row["zero_shot"], abs=0.11)
+        assert value("finetuned", row["task"], "accuracy") == pytest.approx(row["fine_tuned"], abs=0.11)
+    assert value("finetuned", "mrpc", "f1") == pytest.approx(table["rows"][1]["fine_tuned_metric"], abs=0.01)
+    md = (run / "table.md").read_text()
+    assert "mrpc (F1)" in md and "MCC for CoLA" in md and "VTVC gated" in md
+
+
+def test_glue_metrics_against_hand_counts():
+    pred = np.array([1, 1, 0, 0, 1, 0, 1, 1])
+    gold = np.array([1, 0, 0, 1, 1, 0, 0, 1])
+    tp, tn, fp, fn = 3, 2, 2, 1
+    assert matthews_corrcoef(pred, gold) == pytest.approx((tp * tn - fp * fn) / np.sqrt(5 * 4 * 4 * 3))
+    assert f1_positive(pred, gold) == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert matthews_corrcoef(np.ones(4), gold[:4]) == 0.0  # a constant predictor: no correlation
+    assert matthews_corrcoef(gold, gold) == pytest.approx(1.0)
+    assert matthews_corrcoef(1 - gold, gold) == pytest.approx(-1.0)
+
+
+def test_text_bad_inputs_exit_2_with_one_line(text_prepared, tmp_path, capsys):
+    model_dir, _ = text_prepared
+    cases = []
+    cases.append((["--tasks", "imdb"], "unknown text task"))
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    for f in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / f).exists():
+            (no_weights / f).write_bytes((model_dir / f).read_bytes())
+    cases.append((["--model", str(no_weights), "--tasks", "trec"], "no weights"))
+    no_tok = tmp_path / "no_tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (no_tok / f).write_bytes((model_dir / f).read_bytes())
+    cases.append((["--model", str(no_tok), "--tasks", "trec"], "no a tokenizer"))
+    cases.append((["--model", str(tmp_path / "missing"), "--tasks", "trec"], "not a folder"))
+    for args, words in cases:
+        out = tmp_path / f"out{len(words)}"
+        code = main(["prepare", "--modality", "text", "--out", str(out), "--quiet", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, args
+        assert len(err) == 1 and words in err[0], err
+        assert not out.exists() or not any(out.rglob("*.safetensors"))
