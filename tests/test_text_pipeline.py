@@ -107,6 +107,34 @@ def test_benchmark_on_text_with_paper_metrics(text_prepared, tmp_path):
     assert "mrpc (F1)" in md and "MCC for CoLA" in md and "VTVC gated" in md
 
 
+def _own_task(folder, texts, labels, classes, split_at):
+    folder.mkdir(parents=True)
+    (folder / "classes.txt").write_text("\n".join(classes) + "\n")
+    for name, rows in (("train.jsonl", range(split_at)), ("test.jsonl", range(split_at, len(texts)))):
+        (folder / name).write_text("".join(json.dumps({"text": texts[i], "label": int(labels[i])}) + "\n"
+                                           for i in rows))
+    return folder
+
+
+def test_your_own_text_task_by_folder_through_prepare_and_benchmark(text_prepared, tmp_path):
+    model_dir, _ = text_prepared
+    trec = load_text_task("trec", max_train=240)
+    mine = _own_task(tmp_path / "my_questions", trec.train.texts, trec.train.labels, trec.classes, 180)
+    out = tmp_path / "artifacts"
+    assert main(["prepare", "--modality", "text", "--model", str(model_dir), "--tasks", "mrpc", str(mine),
+                 "--out", str(out), *PREP]) == 0
+    rows = {r["task"]: r for r in json.loads((out / "table.json").read_text())["rows"]}
+    assert set(rows) == {"mrpc", "my_questions"} and rows["my_questions"]["classes"] == 6
+    assert rows["my_questions"]["test"] == 60  # the folder's own test.jsonl, not trec's
+    run = tmp_path / "bench"
+    assert main(["benchmark", "--artifacts", str(out), "--out", str(run), "--protocols", "target", "--targets",
+                 str(mine), "--methods", "zero_shot", "task_arithmetic", "--seeds", "1", "--quiet",
+                 "--device", "cpu"]) == 0
+    records = json.loads((run / "results.json").read_text())["records"]
+    (zs,) = [r["value"] for r in records if (r["method"], r["metric"]) == ("zero_shot", "accuracy")]
+    assert zs == pytest.approx(rows["my_questions"]["zero_shot"], abs=0.11)
+
+
 def test_glue_metrics_against_hand_counts():
     pred = np.array([1, 1, 0, 0, 1, 0, 1, 1])
     gold = np.array([1, 0, 0, 1, 1, 0, 0, 1])
@@ -134,6 +162,9 @@ def test_text_bad_inputs_exit_2_with_one_line(text_prepared, tmp_path, capsys):
         (no_tok / f).write_bytes((model_dir / f).read_bytes())
     cases.append((["--model", str(no_tok), "--tasks", "trec"], "no a tokenizer"))
     cases.append((["--model", str(tmp_path / "missing"), "--tasks", "trec"], "not a folder"))
+    empty = _own_task(tmp_path / "empty_field", ["fine", "  ", "ok", "yes"], [0, 1, 0, 1], ["a", "b"], 3)
+    cases.append((["--model", str(model_dir), "--tasks", str(empty)], "train.jsonl, line 2: empty or missing text"))
+    cases.append((["--model", str(model_dir), "--tasks", str(tmp_path / "nowhere/")], "no such folder"))
     for args, words in cases:
         out = tmp_path / f"out{len(words)}"
         code = main(["prepare", "--modality", "text", "--out", str(out), "--quiet", *args])

@@ -64,7 +64,33 @@ def text_manifest() -> dict:
     return json.loads((TEXT_DIR / "MANIFEST.json").read_text())
 
 
+def is_text_task_path(spec: str) -> bool:
+    """A text task given by path (a folder of ``train.jsonl``, ``test.jsonl``, ``classes.txt``), not by name."""
+    return spec not in TEXT_TASKS and ("/" in spec or "\\" in spec or Path(spec).expanduser().is_dir())
+
+
+def text_task_name(spec: str) -> str:
+    return Path(spec).expanduser().resolve().name if is_text_task_path(spec) else spec
+
+
+def _own_rows(folder: Path, split: str) -> list[dict]:
+    """Rows of your own text task: ``SPLIT.jsonl`` or ``SPLIT.jsonl.gz`` (no checksum to check)."""
+    for name in (f"{split}.jsonl", f"{split}.jsonl.gz"):
+        path = folder / name
+        if path.is_file():
+            try:
+                data = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+                return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+            except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as err:
+                raise TextTaskError(f"{path}: not readable JSON lines ({type(err).__name__}); expected one "
+                                    f'{{"text": ..., "label": k}} object per line') from err
+    raise TextTaskError(f"{folder}: no {split}.jsonl (or {split}.jsonl.gz); a text task folder holds train.jsonl, "
+                        f"test.jsonl and classes.txt")
+
+
 def _rows(task: str, split: str) -> list[dict]:
+    if is_text_task_path(task):
+        return _own_rows(Path(task).expanduser(), split)
     path = TEXT_DIR / task / f"{split}.jsonl.gz"
     try:
         data = gzip.decompress(path.read_bytes())
@@ -78,17 +104,23 @@ def _rows(task: str, split: str) -> list[dict]:
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
-def _split(task: str, split: str, pair: bool, num_classes: int) -> TextSplit:
+def _split(task: str, split: str, pair: bool | None, num_classes: int) -> TextSplit:
+    rows = _rows(task, split)
+    if pair is None:  # your own task: a pair task when its rows have text_a/text_b
+        pair = bool(rows) and isinstance(rows[0], dict) and "text_a" in rows[0]
     fields = ("text_a", "text_b") if pair else ("text",)
     texts, labels = [], []
-    for line, row in enumerate(_rows(task, split), start=1):
-        values = [row.get(f) for f in fields]
+    where = f"{task.rstrip('/')}/{split}.jsonl"
+    if not rows:
+        raise TextTaskError(f"{where}: no examples")
+    for line, row in enumerate(rows, start=1):
+        values = [row.get(f) for f in fields] if isinstance(row, dict) else [None]
         if any(not isinstance(v, str) or not v.strip() for v in values):
-            raise TextTaskError(f"{task}/{split}.jsonl, line {line}: empty or missing {'/'.join(fields)}; every "
+            raise TextTaskError(f"{where}, line {line}: empty or missing {'/'.join(fields)}; every "
                                 f"example needs text")
         label = row.get("label")
         if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < num_classes:
-            raise TextTaskError(f"{task}/{split}.jsonl, line {line}: label {label!r}; expected an integer in "
+            raise TextTaskError(f"{where}, line {line}: label {label!r}; expected an integer in "
                                 f"[0, {num_classes})")
         texts.append(tuple(values) if pair else values[0])
         labels.append(label)
@@ -103,20 +135,36 @@ def _capped(split: TextSplit, cap: int | None, seed: int) -> TextSplit:
 
 def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_train: int | None = None,
                    max_val: int | None = None, max_test: int | None = None) -> TextTask:
-    """One shipped text task with train/val/test splits; ``max_train`` keeps a seeded subset of train, ``max_val``
+    """One shipped text task, or your own by folder path (``train.jsonl``, ``test.jsonl`` — or ``.jsonl.gz`` —
+    with ``{"text": ..., "label": k}`` or ``{"text_a": ..., "text_b": ..., "label": k}`` per line, and
+    ``classes.txt``; named after the folder), with train/val/test splits; ``max_train`` keeps a seeded subset of train, ``max_val``
     of val; ``max_test`` a fixed subset of test (seed 0 whatever ``seed``: every run scores the same inputs).
 
     Raises:
-        TextTaskError: an unknown name (the message lists the shipped ones), a damaged file, an empty text field
-            or a label outside the task's classes.
+        TextTaskError: an unknown name (the message lists the shipped ones), a missing or damaged file, an empty
+            text field or a label outside the task's classes (naming the file and line).
     """
-    if name not in TEXT_TASKS:
-        raise TextTaskError(f"unknown text task {name!r}; shipped text tasks: {', '.join(TEXT_TASKS)}")
-    classes = (TEXT_DIR / name / "classes.txt").read_text(encoding="utf-8").splitlines()
-    pair = name in PAIR_TASKS
+    if is_text_task_path(name):
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise TextTaskError(f"{name}: no such folder (a text task by path is a folder of train.jsonl, "
+                                f"test.jsonl and classes.txt)")
+        if not (folder / "classes.txt").is_file():
+            raise TextTaskError(f"{folder}: no classes.txt (one class name per line, in label order)")
+        classes = [c for c in (folder / "classes.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
+        if len(classes) < 2:
+            raise TextTaskError(f"{folder}/classes.txt: {len(classes)} class(es); expected at least 2")
+        pair = None
+    elif name not in TEXT_TASKS:
+        raise TextTaskError(f"unknown text task {name!r}; shipped text tasks: {', '.join(TEXT_TASKS)} (or a folder "
+                            f"of train.jsonl, test.jsonl, classes.txt)")
+    else:
+        classes = (TEXT_DIR / name / "classes.txt").read_text(encoding="utf-8").splitlines()
+        pair = name in PAIR_TASKS
     train = _split(name, "train", pair, len(classes))
+    pair = bool(train.texts) and isinstance(train.texts[0], tuple)
     train_idx, val_idx = stratified_val_indices(train.labels, val_fraction, seed)
     if max_train is not None and len(train_idx) > max_train:
         train_idx = np.sort(np.random.RandomState(seed).permutation(train_idx)[:max_train])
-    return TextTask(name, classes, pair, train.subset(train_idx), _capped(train.subset(val_idx), max_val, seed),
+    return TextTask(text_task_name(name), classes, pair, train.subset(train_idx), _capped(train.subset(val_idx), max_val, seed),
                     _capped(_split(name, "test", pair, len(classes)), max_test, 0))

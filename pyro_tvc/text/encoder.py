@@ -86,7 +86,8 @@ def load_text_model(folder: Path, device="cpu"):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="sdpa")
+        model, loading = AutoModel.from_pretrained(str(folder), local_files_only=True, attn_implementation="sdpa",
+                                                   output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -94,6 +95,7 @@ def load_text_model(folder: Path, device="cpu"):
     if not hasattr(model, "embeddings") or not hasattr(getattr(model, "encoder", None), "layer"):
         raise TextModelError(f"--model {folder}: {type(model).__name__} has no embeddings + encoder.layer (BERT's "
                              f"layout); supported: BERT, RoBERTa, MiniLM, ELECTRA, XLM-R encoders")
+    model.pyro_tvc_missing_keys = set(loading.get("missing_keys") or [])  # initialised at random, not read
     return model.to(device).eval(), tokenizer
 
 

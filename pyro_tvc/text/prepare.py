@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pyro_tvc.artifacts import ArtifactPaths, load_head, save_head, vector_metadata
 from pyro_tvc.backbones import ZeroShotHead
-from pyro_tvc.data.text import TEXT_TASKS, TextSplit, load_text_task
+from pyro_tvc.data.text import TEXT_TASKS, TextSplit, is_text_task_path, load_text_task, text_task_name
 from pyro_tvc.recipes import RECIPE_KEY, canonical_json, recipe_sha256, stored_recipe
 from pyro_tvc.reporting import markdown_table
 from pyro_tvc.runtime import atomic_write_text, check_writable_folder, progress, read_json, resolve_device, \
@@ -62,7 +62,10 @@ def read_encoder_info(root: Path) -> dict:
 
 
 def model_sha256(model) -> str:
-    return state_dict_sha256(model.state_dict())
+    """sha256 of the model's weights as read from its folder: tensors the checkpoint lacks (e.g. a pooler, which
+    Hugging Face initialises at random on every load) are left out, or the hash would change from load to load."""
+    missing = getattr(model, "pyro_tvc_missing_keys", set())
+    return state_dict_sha256({k: v for k, v in model.state_dict().items() if k not in missing})
 
 
 def encode_split(model, tokenizer, split: TextSplit, settings: TextSettings, tail: SentenceEncoder,
@@ -136,12 +139,20 @@ def validate_text(cfg) -> TextSettings:
     Raises:
         ValueError: one line naming the option, what was given and what is accepted.
     """
-    unknown = [t for t in cfg.tasks if t not in TEXT_TASKS]
+    unknown = [t for t in cfg.tasks if t not in TEXT_TASKS and not is_text_task_path(t)]
     if unknown or not cfg.tasks:
-        raise ValueError(f"--tasks {unknown or '[]'}: unknown text task(s); shipped text tasks: {', '.join(TEXT_TASKS)}")
-    repeated = sorted({t for t in cfg.tasks if list(cfg.tasks).count(t) > 1})
+        raise ValueError(f"--tasks {unknown or '[]'}: unknown text task(s); shipped text tasks: {', '.join(TEXT_TASKS)}"
+                         f" (or a folder of train.jsonl, test.jsonl, classes.txt)")
+    names = [text_task_name(t) for t in cfg.tasks]
+    repeated = sorted({t for t in names if names.count(t) > 1})
     if repeated:
-        raise ValueError(f"--tasks: {repeated} given more than once")
+        raise ValueError(f"--tasks: the names {repeated} are given more than once")
+    for t in cfg.tasks:
+        if is_text_task_path(t):
+            if text_task_name(t) in TEXT_TASKS:
+                raise ValueError(f"--tasks {t}: its name {text_task_name(t)!r} is a shipped text task's; rename the "
+                                 f"folder")
+            load_text_task(t)  # your own task is read (and refused) before anything is written
     if cfg.data_root is not None or cfg.pretrained is not None:
         raise ValueError("--modality text reads the shipped text sets and a model folder (--model PATH); "
                          "--data-root and --pretrained are for images")
@@ -182,11 +193,14 @@ def run_prepare_text(cfg) -> dict:
              "max_train": cfg.max_train, "seed": cfg.seed, "max_val": MAX_VAL, "max_test": MAX_TEST}
     table_prev = read_json(paths.table_json) if paths.table_json.exists() else {}
     rows = {r["task"]: r for r in table_prev.get("rows", []) if isinstance(r, dict) and "task" in r}
-    for task in progress(list(cfg.tasks), cfg.quiet, desc="text tasks"):
-        data = load_text_task(task, seed=cfg.seed, max_train=cfg.max_train, max_val=MAX_VAL, max_test=MAX_TEST)
+    names = [text_task_name(t) for t in cfg.tasks]
+    for spec, task in progress(list(zip(cfg.tasks, names)), cfg.quiet, desc="text tasks"):
+        data = load_text_task(spec, seed=cfg.seed, max_train=cfg.max_train, max_val=MAX_VAL, max_test=MAX_TEST)
         recipe = {"theta0_sha256": theta0_sha, "task": task, "data": recipe_sha256(
             {s: canonical_json([getattr(data, s).texts, getattr(data, s).labels.tolist()]) for s in ("train", "val")}),
             "head": "linear_probe", "finetune": hyper}
+        if is_text_task_path(spec):  # the benchmark finds your own task's texts again here
+            recipe["path"] = str(Path(spec).expanduser().resolve())
         vec_path = paths.task_vector(task)
         if vec_path.exists() and paths.head(task).exists() and \
                 stored_recipe(vector_metadata(vec_path)) == recipe and task in rows:
@@ -212,8 +226,8 @@ def run_prepare_text(cfg) -> dict:
                       "probe_metric": probe.get(PAPER_METRICS.get(task, ("accuracy",))[0]),
                       "fine_tuned_metric": tuned.get(PAPER_METRICS.get(task, ("accuracy",))[0]),
                       "train": len(yt), "val": len(yv), "test": len(ys)}
-    ordered = [rows[t] for t in cfg.tasks] + [r for t, r in rows.items() if t not in cfg.tasks
-                                               and paths.task_vector(t).exists()]
+    ordered = [rows[t] for t in names] + [r for t, r in rows.items() if t not in names
+                                           and paths.task_vector(t).exists()]
     table = {"model": info["model"], "modality": "text", "theta0_sha256": theta0_sha, "encoder": info,
              "config": {k: str(v) for k, v in vars(cfg).items()}, "rows": ordered,
              "average": {k: round(sum(r[k] for r in ordered) / len(ordered), 2)

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_head
-from pyro_tvc.data.text import TEXT_TASKS, load_text_task
+from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_head, vector_metadata
+from pyro_tvc.data.text import TEXT_TASKS, is_text_task_path, load_text_task, text_task_name
+from pyro_tvc.recipes import stored_recipe
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
 from pyro_tvc.runtime import read_json
@@ -52,7 +53,11 @@ class TextWorkspace:
         table = read_json(self.paths.table_json) if self.paths.table_json.is_file() else {"rows": []}
         self.table = {r["task"]: r for r in table["rows"]}
         self.theta0_sha256 = info["theta0_sha256"]
-        self.custom: dict[str, str] = {}
+        self.custom: dict[str, str] = {}  # name -> folder of your own text tasks (their vectors' recipes say where)
+        for name in self.with_vectors:
+            path = (stored_recipe(vector_metadata(self.paths.task_vector(name))) or {}).get("path")
+            if path:
+                self.custom[name] = path
         self._heads: dict = {}
         self._data: dict = {}
         self._encoded: dict = {}  # (task, split, text) -> (prefix row, feature row): the bottom runs once per text
@@ -63,6 +68,12 @@ class TextWorkspace:
         Raises:
             ValueError: an unknown text task.
         """
+        if is_text_task_path(spec):
+            name = text_task_name(spec)
+            if name not in self.with_heads or self.custom.get(name) != str(Path(spec).expanduser().resolve()):
+                raise ValueError(f"--targets {spec}: text tasks by path need their head: run `pyro-tvc prepare "
+                                 f"--modality text --tasks {spec} --out {self.paths.root}` first")
+            return name
         if spec not in TEXT_TASKS:
             raise ValueError(f"--targets {spec}: unknown text task; shipped text tasks: {', '.join(TEXT_TASKS)}")
         return spec
@@ -102,7 +113,7 @@ class TextWorkspace:
         """``{"train", "val", "test"}`` -> :class:`TaskData` (``images``: prefix states) with ``task_ids = task_id``."""
         key = (task, seed, shots, max_train)
         if key not in self._data:
-            data = load_text_task(task, seed=seed, max_train=max_train, max_val=MAX_VAL, max_test=MAX_TEST)
+            data = load_text_task(self.custom.get(task, task), seed=seed, max_train=max_train, max_val=MAX_VAL, max_test=MAX_TEST)
             train = data.train if shots is None else data.train.subset(_shots(data.train.labels, shots, seed, task))
             encoded = {}
             for name, split in (("train", train), ("val", data.val), ("test", data.test)):
