@@ -7,6 +7,8 @@ import torch
 from pyro_tvc.compose.engine import Composer
 from pyro_tvc.methods.base import ComposedPredictor, FitResult, MethodContext, Predictor, TaskData
 
+CHUNK = 512  # inputs per forward: a streamed split is decoded a chunk at a time
+
 
 class FinetunedPredictor(Predictor):
     """Routes the inputs of head-task ``t`` through ``theta_0 + tau_t``; tasks without a vector get NaN rows."""
@@ -32,9 +34,6 @@ class FinetunedPredictor(Predictor):
             for chunk in rows.split(CHUNK):  # a streamed split is decoded a chunk at a time, never whole
                 out[chunk] = predictor.probs(data.subset(chunk))
         return out
-
-
-CHUNK = 512
 
 
 def fit(ctx: MethodContext) -> FitResult:

@@ -1,6 +1,7 @@
 """Evaluation shared by the protocols: every prediction of a fitted method on the test inputs, as tidy records."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -50,7 +51,7 @@ def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test:
                                        100.0 * expected_calibration_error(p, y)))
                     # does the predictive entropy flag the errors? (nan when every input is right or wrong)
                     score = auroc(predictive_entropy(p), p.argmax(-1) != y)
-                    if score == score:
+                    if not math.isnan(score):
                         rows.append(record(protocol, method, kind, name, seed, "auroc_entropy_error", score))
                     metric = paper_metric(name, p.argmax(-1), y)  # MCC for CoLA, F1 for MRPC (GLUE's metrics)
                     if metric is not None:
