@@ -20,6 +20,20 @@ def tiny_bert(tmp_path_factory):
     return load_text_model(resolve_model_folder(tiny_bert_folder(tmp_path_factory.mktemp("bert") / "model")))
 
 
+def test_roberta_layout_equals_hugging_face_and_composes(tmp_path):
+    model, tokenizer = load_text_model(resolve_model_folder(tiny_bert_folder(tmp_path / "roberta", kind="roberta")))
+    assert type(model).__name__ == "RobertaModel"
+    x = _tokens(tokenizer)
+    hidden = model(input_ids=x[:, 0], token_type_ids=x[:, 1], attention_mask=x[:, 2]).last_hidden_state
+    w = x[:, 2].unsqueeze(-1).float()
+    module = SentenceEncoder(model, 0)
+    torch.testing.assert_close(module(x), (hidden * w).sum(1) / w.sum(1), rtol=1e-5, atol=1e-6)
+    bank = random_bank(module, 2, scale=0.05)
+    lam = 0.5 * torch.randn(x.shape[0], 2, bank.num_blocks)
+    torch.testing.assert_close(Composer(module, bank, "fast")(x, lam), explicit_per_sample(module, bank, x, lam),
+                               rtol=1e-4, atol=1e-5)
+
+
 def _tokens(tokenizer):
     return torch.cat([tokenize(tokenizer, TEXTS[:3], 48), tokenize(tokenizer, TEXTS[3:], 48)])
 
