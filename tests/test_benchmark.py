@@ -161,3 +161,33 @@ def test_evaluate_fit_records_calibration_and_auroc_against_hand_computation():
     assert got["auroc_entropy_error"] == pytest.approx(expected)
     assert got["nll"] == pytest.approx(-sum(math.log(probs[i, labels[i]]) for i in range(6)) / 6)
     assert got["accuracy"] == pytest.approx(100 * (1 - sum(wrong) / 6))
+
+
+def test_protocol_table_cells_from_hand_made_records():
+    """Per-task cells, averages and the extra columns of the tables against values written by hand (two methods,
+    two seeds; addition has an extra normalised column that must not leak into the task cells; text-style
+    records switch the cells to each task's paper metric)."""
+    from pyro_tvc.experiments.report import protocol_table, with_task_scores
+
+    rows = []
+    acc = {("atlas", 1): (50.0, 60.0), ("atlas", 2): (52.0, 62.0), ("ties", 1): (40.0, 44.0), ("ties", 2): (42.0, 46.0)}
+    for (m, seed), (a, b) in acc.items():
+        for task, v in (("x", a), ("y", b)):
+            rows.append(("addition", m, "single", task, seed, "accuracy", v))
+            rows.append(("addition", m, "single", task, seed, "normalized_accuracy", 99.0))
+    df = pd.DataFrame(rows, columns=["protocol", "method", "prediction", "task", "seed", "metric", "value"])
+    table, summary = protocol_table(df, "addition", ["x", "y"])
+    lines = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()[2:]}
+    for method, label in (("atlas", "aTLAS"), ("ties", "TIES")):
+        row = next(v for k, v in lines.items() if k.startswith(label))
+        x = [acc[(method, s)][0] for s in (1, 2)]
+        assert row[1] == f"{sum(x) / 2:.1f} ± {pd.Series(x).std():.1f}"  # the task cell: accuracy, not 99
+        assert summary[f"{method}:single"]["average"] == pytest.approx(sum(sum(acc[(method, s)]) / 2 for s in (1, 2)) / 2)
+        assert summary[f"{method}:single"]["normalized_accuracy"] == pytest.approx(99.0)
+    text = df.copy()
+    text.loc[text.task == "y", "task"] = "cola"
+    mcc = text[(text.metric == "accuracy") & (text.task == "cola")].assign(metric="mcc", value=10.0)
+    scored = with_task_scores(pd.concat([text, mcc], ignore_index=True))
+    table, summary = protocol_table(scored, "addition", ["x", "cola"], "score")
+    assert "cola (MCC)" in table.splitlines()[0]
+    assert summary["atlas:single"]["average"] == pytest.approx((51.0 + 10.0) / 2)

@@ -102,10 +102,10 @@ def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str], metric: st
         mean, sd, n = _mean_sd(per_seed.values)
         cells += [_fmt(mean, sd, n), str(n)]
         entry = {"average": mean, "sd": sd, "seeds": n, "per_seed": {int(k): float(v) for k, v in per_seed.items()}}
-        for metric, _ in extra:
-            ps = seed_averages(g, metric, len(tasks))["value"].values
+        for extra_metric, _ in extra:
+            ps = seed_averages(g, extra_metric, len(tasks))["value"].values
             cells.append(_fmt(*_mean_sd(ps)))
-            entry[metric] = _mean_sd(ps)[0]
+            entry[extra_metric] = _mean_sd(ps)[0]
         zeros = g[g.metric == "exact_zero_fraction"].value
         z = _mean_sd(100.0 * zeros.astype(float))[0] if len(zeros) else float("nan")
         train = df[(df.protocol == protocol) & (df.method == m) & (df.metric == "train_seconds")].value
