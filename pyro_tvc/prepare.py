@@ -43,12 +43,14 @@ class PrepareConfig:
     """Configuration of ``pyro-tvc prepare`` (every field is a command-line option ``--field-name``).
 
     Args:
-        out: Artefact folder (theta_0, heads, task vectors, table); created if missing, must be writable.
-        model: open_clip model name (``pyro-tvc-tiny`` is pre-trained locally; others need ``pretrained``).
+        out: Artefact folder (theta_0, heads, task vectors, table); created if missing, must be writable
+            (default artifacts/pyro-tvc-tiny; text: artifacts/all-MiniLM-L6-v2).
+        model: open_clip model name (default ``pyro-tvc-tiny``, pre-trained locally; others need ``pretrained``);
+            text: ``all-MiniLM-L6-v2`` (default) or a local Hugging Face encoder folder.
         pretrained: Local CLIP checkpoint for ``model`` (state dict, open_clip checkpoint, safetensors or OpenAI
             TorchScript file); skips pre-training.
         data_root: Folder of real data sets (torchvision layout); default: the embedded sets.
-        tasks: Tasks to prepare (embedded names, or real ones with ``data_root``), without repeats, or paths of
+        tasks: Tasks to prepare (default: the 9 embedded sets; text: sst2 ag_news trec subj cola mrpc) (embedded names, or real ones with ``data_root``), without repeats, or paths of
             your own tasks (an ImageFolder tree, an .npz or a .csv; docs/custom-tasks.md), named after the folder.
         pretrain_tasks: Embedded tasks whose images pre-train the tiny theta_0 (default: ``tasks``, or every
             embedded task when a task is given by path, i.e. the default theta_0). The demo
@@ -57,10 +59,10 @@ class PrepareConfig:
         pretrain_steps: Contrastive pre-training steps of the tiny theta_0 (>= 1).
         pretrain_lr: Peak learning rate of pre-training, in (0, 1].
         pretrain_fraction: Share of every training split used for pre-training, in (0, 1].
-        finetune_steps: Fine-tuning steps per task (>= 1).
-        finetune_lr: Peak learning rate of fine-tuning, in (0, 1].
-        batch_size: Fine-tuning batch size (>= 1).
-        max_train: Cap on training images per embedded task (>= 1; fast mode); None keeps all.
+        finetune_steps: Fine-tuning steps per task (>= 1; default 300, text 200).
+        finetune_lr: Peak learning rate of fine-tuning, in (0, 1] (default 1e-3, text 1e-4).
+        batch_size: Fine-tuning batch size (>= 1; default 128, text 32).
+        max_train: Cap on training images per embedded task (>= 1; fast mode); None keeps all (text: 2000).
         seed: Random seed, in [0, 2**32).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:i]``.
         quiet: No progress bars.
@@ -71,24 +73,24 @@ class PrepareConfig:
         modality: ``image`` (open_clip CLIP) or ``text`` (a local Hugging Face encoder, the shipped text sets;
             docs/text.md). With ``text``: ``--model`` is ``all-MiniLM-L6-v2`` (the ``nlu`` extra) or a model folder,
             ``--out`` defaults to ``artifacts/all-MiniLM-L6-v2``, ``--tasks`` to six text tasks, and fine-tuning to
-            200 steps at lr 1e-4, batch 32, 2000 training texts per task.
+            200 steps at lr 1e-4, batch 32, 2000 training texts per task (each option given explicitly wins).
         max_length: Text only: tokens per input (longer inputs are truncated), in [8, 512].
         text_layers: Text only: how many top transformer layers are fine-tuned (the task vectors' blocks); the
             layers below stay frozen and are computed once.
     """
 
-    out: Path = Path("artifacts") / TINY_MODEL
-    model: str = TINY_MODEL
+    out: Path | None = None
+    model: str | None = None
     pretrained: Path | None = None
     data_root: Path | None = None
-    tasks: list[str] = field(default_factory=lambda: list(EMBEDDED_TASKS))
+    tasks: list[str] | None = None
     pretrain_tasks: list[str] | None = None
     pretrain_steps: int = 150
     pretrain_lr: float = 1e-3
     pretrain_fraction: float = 0.1
-    finetune_steps: int = 300
-    finetune_lr: float = 1e-3
-    batch_size: int = 128
+    finetune_steps: int | None = None
+    finetune_lr: float | None = None
+    batch_size: int | None = None
     max_train: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -100,32 +102,32 @@ class PrepareConfig:
     text_layers: int = 2
 
     def __post_init__(self):
-        if self.modality != "text":
-            return
-        from pyro_tvc.text.encoder import DEFAULT_TEXT_MODEL
-        from pyro_tvc.text.prepare import TEXT_DEFAULT_TASKS
+        """Options left out take their modality's default (image | text): ``out`` artifacts/pyro-tvc-tiny |
+        artifacts/all-MiniLM-L6-v2, ``model`` pyro-tvc-tiny | all-MiniLM-L6-v2, ``tasks`` the 9 embedded sets |
+        sst2 ag_news trec subj cola mrpc, ``finetune_steps`` 300 | 200, ``finetune_lr`` 1e-3 | 1e-4,
+        ``batch_size`` 128 | 32, ``max_train`` all | 2000."""
+        if self.modality == "text":
+            from pyro_tvc.text.encoder import DEFAULT_TEXT_MODEL
+            from pyro_tvc.text.prepare import TEXT_DEFAULT_TASKS
 
-        image = PrepareConfig()
-        if self.model == image.model:
-            self.model = DEFAULT_TEXT_MODEL
-        if Path(self.out) == image.out:
-            self.out = Path("artifacts") / DEFAULT_TEXT_MODEL
-        if list(self.tasks) == list(image.tasks):
-            self.tasks = list(TEXT_DEFAULT_TASKS)
-        for name, text_default in (("finetune_steps", 200), ("finetune_lr", 1e-4), ("batch_size", 32),
-                                   ("max_train", 2000)):
-            if getattr(self, name) == getattr(image, name):
-                setattr(self, name, text_default)
+            defaults = dict(model=DEFAULT_TEXT_MODEL, out=Path("artifacts") / DEFAULT_TEXT_MODEL,
+                            tasks=list(TEXT_DEFAULT_TASKS), finetune_steps=200, finetune_lr=1e-4, batch_size=32,
+                            max_train=2000)
+        else:
+            defaults = dict(model=TINY_MODEL, out=Path("artifacts") / TINY_MODEL, tasks=list(EMBEDDED_TASKS),
+                            finetune_steps=300, finetune_lr=1e-3, batch_size=128)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def text_model(self) -> str:
         return self.model
 
-    def validate(self) -> None:
-        """Check every field before any work.
+    def validate_numbers(self) -> None:
+        """The numeric options (both modalities).
 
         Raises:
-            ValueError: a value out of range, an unknown model or task, repeated tasks (one line naming the option).
-            FileNotFoundError: ``pretrained`` or ``data_root`` missing.
+            ValueError: one line naming the option, the value and what is accepted.
         """
         def whole(name: str, low: int, high: int | None = None, optional: bool = False) -> None:
             value = getattr(self, name)
@@ -140,12 +142,21 @@ class PrepareConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: expected a number in (0, 1]")
 
-        for name in ("pretrain_steps", "finetune_steps", "batch_size"):
+        for name in ("pretrain_steps", "finetune_steps", "batch_size", "max_length", "text_layers"):
             whole(name, 1)
         whole("max_train", 1, optional=True)
         whole("seed", 0, 2**32)
         for name in ("pretrain_lr", "finetune_lr", "pretrain_fraction"):
             fraction(name)
+
+    def validate(self) -> None:
+        """Check every field before any work.
+
+        Raises:
+            ValueError: a value out of range, an unknown model or task, repeated tasks (one line naming the option).
+            FileNotFoundError: ``pretrained`` or ``data_root`` missing.
+        """
+        self.validate_numbers()
         if self.model not in open_clip.list_models():
             raise ValueError(f"--model {self.model!r}: unknown open_clip model (e.g. {TINY_MODEL}, ViT-B-32, ViT-B-16)")
         if self.pretrained is not None and not Path(self.pretrained).is_file():
@@ -194,6 +205,16 @@ def _check_task_list(option: str, tasks, known: list[str], where: str) -> None:
         raise ValueError(f"{option}: unknown {unknown}; {where} are: {', '.join(known)}")
 
 
+def one_cycle(opt: torch.optim.Optimizer, lr: float, steps: int):
+    """One-cycle schedule (10 % warm-up) peaking at ``lr``; a constant ``lr`` below 20 steps, where the warm-up
+    would be under one step (torch's OneCycleLR then divides by zero)."""
+    if steps < 20:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+
+
 # --- pre-training (embedded default only) -----------------------------------------------------------------------
 
 def _pretraining_pool(splits: dict[str, TaskSplits], fraction: float, seed: int):
@@ -220,8 +241,7 @@ def pretrain_clip(model: torch.nn.Module, splits: dict[str, TaskSplits], cfg: Pr
     rng = random.Random(cfg.seed)
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.pretrain_lr, total_steps=cfg.pretrain_steps,
-                                                pct_start=0.1)
+    sched = one_cycle(opt, cfg.pretrain_lr, cfg.pretrain_steps)
     model.train()
     bar = progress(range(cfg.pretrain_steps), cfg.quiet, desc="pre-train theta_0")
     for _ in bar:
@@ -245,8 +265,7 @@ def finetune_encoder(encoder: torch.nn.Module, head: ZeroShotHead, splits: TaskS
     theta0 = {k: v.detach().clone() for k, v in encoder.state_dict().items()}
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.finetune_lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.finetune_lr, total_steps=cfg.finetune_steps,
-                                                pct_start=0.1)
+    sched = one_cycle(opt, cfg.finetune_lr, cfg.finetune_steps)
     encoder.train()
     batches = infinite_batches(splits.train, cfg.batch_size, gen)
     bar = progress(range(cfg.finetune_steps), cfg.quiet, desc=f"fine-tune {splits.name}")
@@ -418,6 +437,9 @@ def run_prepare(cfg: PrepareConfig) -> dict:
         return run_prepare_text(cfg)
     cfg.validate()
     paths = ArtifactPaths(Path(cfg.out))
+    if (paths.root / "text_encoder.json").exists():
+        raise ValueError(f"--out {paths.root}: holds text artefacts (prepare --modality text); choose another --out "
+                         f"for images")
     if cfg.data_root is not None and cfg.pretrained is None and not paths.clip.exists():
         raise ValueError("pre-training theta_0 uses the embedded sets; with --data-root pass --pretrained FILE")
     if cfg.pretrained is None and cfg.model != TINY_MODEL and not paths.clip.exists():

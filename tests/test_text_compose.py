@@ -20,9 +20,10 @@ def tiny_bert(tmp_path_factory):
     return load_text_model(resolve_model_folder(tiny_bert_folder(tmp_path_factory.mktemp("bert") / "model")))
 
 
-def test_roberta_layout_equals_hugging_face_and_composes(tmp_path):
-    model, tokenizer = load_text_model(resolve_model_folder(tiny_bert_folder(tmp_path / "roberta", kind="roberta")))
-    assert type(model).__name__ == "RobertaModel"
+@pytest.mark.parametrize("kind", ["roberta", "electra"])
+def test_roberta_and_electra_layouts_equal_hugging_face_and_compose(tmp_path, kind):
+    model, tokenizer = load_text_model(resolve_model_folder(tiny_bert_folder(tmp_path / kind, kind=kind)))
+    assert type(model).__name__ == {"roberta": "RobertaModel", "electra": "ElectraModel"}[kind]
     x = _tokens(tokenizer)
     hidden = model(input_ids=x[:, 0], token_type_ids=x[:, 1], attention_mask=x[:, 2]).last_hidden_state
     w = x[:, 2].unsqueeze(-1).float()

@@ -2,6 +2,7 @@
 text, then the benchmark, against independent recomputations (Hugging Face's own forward with hand-merged
 weights; GLUE's metrics by hand); and its bad inputs."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,44 @@ def test_prepare_text_vectors_heads_and_table_against_hugging_face(text_prepared
     # the fine-tuned top layer learns: above its frozen head on the training texts' task (trec, 6 classes)
     trec = table["rows"][0]
     assert trec["fine_tuned"] > trec["zero_shot"]
+
+
+def test_text_and_image_artefacts_never_share_a_folder(text_prepared, prepared, capsys):
+    model_dir, out = text_prepared
+    assert main(["prepare", "--modality", "text", "--model", str(model_dir), "--tasks", "trec", "--out",
+                 str(prepared), *PREP]) == 2
+    assert "holds image artefacts" in capsys.readouterr().err
+    assert not (prepared / "text_encoder.json").exists()
+    assert main(["prepare", "--out", str(out), "--tasks", "mnist", "--quiet"]) == 2
+    assert "holds text artefacts" in capsys.readouterr().err
+
+
+def test_options_given_explicitly_win_over_the_text_defaults():
+    from pyro_tvc.prepare import PrepareConfig
+
+    text = PrepareConfig(modality="text")
+    assert (text.batch_size, text.finetune_lr, text.finetune_steps, text.max_train) == (32, 1e-4, 200, 2000)
+    given = PrepareConfig(modality="text", batch_size=128, finetune_lr=1e-3, finetune_steps=300)
+    assert (given.batch_size, given.finetune_lr, given.finetune_steps) == (128, 1e-3, 300)
+    image = PrepareConfig()
+    assert (image.batch_size, image.finetune_steps, image.max_train, image.model) == (128, 300, None, "pyro-tvc-tiny")
+
+
+def test_rebuild_replaces_what_the_old_encoder_made(text_prepared, tmp_path, monkeypatch, capsys):
+    model_dir, _ = text_prepared
+    out = tmp_path / "art"
+    monkeypatch.chdir(model_dir.parent)  # a relative --model is recorded as an absolute folder
+    assert main(["prepare", "--modality", "text", "--model", model_dir.name, "--tasks", "trec", "--out", str(out),
+                 *PREP]) == 0
+    assert Path(json.loads((out / "text_encoder.json").read_text())["model"]).is_absolute()
+    other = [a if a != "32" else "24" for a in PREP]  # another sequence length: another theta_0
+    assert main(["prepare", "--modality", "text", "--model", str(model_dir), "--tasks", "sms_spam", "--out",
+                 str(out), *other]) == 2
+    assert "another encoder setting" in capsys.readouterr().err
+    assert main(["prepare", "--modality", "text", "--model", str(model_dir), "--tasks", "sms_spam", "--out",
+                 str(out), "--rebuild", *other]) == 0
+    assert sorted(p.stem for p in (out / "task_vectors").glob("*.safetensors")) == ["sms_spam"]
+    assert [r["task"] for r in json.loads((out / "table.json").read_text())["rows"]] == ["sms_spam"]
 
 
 def test_prepare_text_rerun_is_cached(text_prepared):
@@ -155,16 +194,20 @@ def test_text_bad_inputs_exit_2_with_one_line(text_prepared, tmp_path, capsys):
     for f in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"):
         if (model_dir / f).exists():
             (no_weights / f).write_bytes((model_dir / f).read_bytes())
-    cases.append((["--model", str(no_weights), "--tasks", "trec"], "no weights"))
+    cases.append((["--model", str(no_weights), "--tasks", "trec"], "missing weights"))
     no_tok = tmp_path / "no_tokenizer"
     no_tok.mkdir()
     for f in ("config.json", "model.safetensors"):
         (no_tok / f).write_bytes((model_dir / f).read_bytes())
-    cases.append((["--model", str(no_tok), "--tasks", "trec"], "no a tokenizer"))
+    cases.append((["--model", str(no_tok), "--tasks", "trec"], "missing tokenizer files"))
     cases.append((["--model", str(tmp_path / "missing"), "--tasks", "trec"], "not a folder"))
     empty = _own_task(tmp_path / "empty_field", ["fine", "  ", "ok", "yes"], [0, 1, 0, 1], ["a", "b"], 3)
     cases.append((["--model", str(model_dir), "--tasks", str(empty)], "train.jsonl, line 2: empty or missing text"))
     cases.append((["--model", str(model_dir), "--tasks", str(tmp_path / "nowhere/")], "no such folder"))
+    cases.append((["--model", str(model_dir), "--tasks", "trec", "--finetune-steps", "0"], "--finetune-steps 0"))
+    cases.append((["--model", str(model_dir), "--tasks", "trec", "--batch-size", "0"], "--batch-size 0"))
+    cases.append((["--model", str(model_dir), "--tasks", "trec", "--finetune-lr", "50"], "--finetune-lr 50.0"))
+    cases.append((["--model", str(model_dir), "--tasks", "trec", "--max-length", "129"], "the encoder has 128 positions"))
     for args, words in cases:
         out = tmp_path / f"out{len(words)}"
         code = main(["prepare", "--modality", "text", "--out", str(out), "--quiet", *args])

@@ -297,13 +297,11 @@ def embedding_forward(module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
     if comps.factors is not None:  # rows of U, scaled by coef (x) S, then V^T: [N, *, C*r] @ [C*r, d]
         U, S, Vh = comps.factors
         r = S.shape[1]
-        rows = F.embedding(ids, U.permute(1, 0, 2).reshape(U.shape[1], C * r))
-        scale = (coef[:, :, None] * S[None]).reshape(n, *([1] * (ids.ndim - 1)), C * r)
-        return base + (rows * scale) @ Vh.reshape(C * r, -1)
-    d = comps.dense.shape[-1]
-    rows = F.embedding(ids, comps.dense.permute(1, 0, 2).reshape(-1, C * d))  # [N, *, C*d]
-    rows = rows.reshape(*ids.shape, C, d)
-    return base + torch.einsum("n...cd,nc->n...d", rows, coef)
+        rows = U[:, ids].movedim(0, -2)  # [N, *, C, r]: only the looked-up rows
+        scale = (coef[:, :, None] * S[None]).reshape(n, *([1] * (ids.ndim - 1)), C, r)
+        return base + (rows * scale).flatten(-2) @ Vh.reshape(C * r, -1)
+    rows = comps.dense[:, ids]  # [C, N, *, d]: only the looked-up rows of each component
+    return base + torch.einsum("cn...d,nc->n...d", rows, coef)
 
 
 def _vision_transformer_type():

@@ -53,7 +53,7 @@ def resolve_model_folder(model: str | Path | None) -> Path:
     if model is None or str(model) == DEFAULT_TEXT_MODEL:
         folder = packaged_model_folder()
     else:
-        folder = Path(model).expanduser()
+        folder = Path(model).expanduser().resolve()  # recorded in the artefacts: absolute, from any folder
     if not folder.is_dir():
         raise TextModelError(f"--model {model}: not a folder; expected a local Hugging Face encoder folder "
                              f"(config.json, weights, tokenizer)")
@@ -63,9 +63,9 @@ def resolve_model_folder(model: str | Path | None) -> Path:
     if not any((folder / f).is_file() for f in WEIGHT_FILES):
         missing.append(f"weights (one of {', '.join(WEIGHT_FILES[:2])})")
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        missing.append(f"a tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     if missing:
-        raise TextModelError(f"--model {folder}: no {' and no '.join(missing)}; expected a Hugging Face encoder "
+        raise TextModelError(f"--model {folder}: missing {' and '.join(missing)}; expected a Hugging Face encoder "
                              f"folder as written by save_pretrained")
     return folder
 
@@ -108,6 +108,7 @@ def tokenize(tokenizer, texts: list, max_length: int) -> torch.Tensor:
     attention mask), truncated and padded to ``max_length`` so every task's inputs stack."""
     pair = bool(texts) and isinstance(texts[0], tuple)
     args = ([t[0] for t in texts], [t[1] for t in texts]) if pair else (list(texts),)
+    tokenizer.padding_side = "right"  # trimming and the stored prefix rows assume the padding at the end
     enc = tokenizer(*args, max_length=max_length, truncation=True, padding="max_length", return_tensors="pt",
                     return_token_type_ids=True)
     return torch.stack([enc["input_ids"], enc["token_type_ids"], enc["attention_mask"]], dim=1).long()
@@ -150,6 +151,8 @@ class SentenceEncoder(nn.Module):
         self.start_layer = start_layer
         if start_layer == 0:
             self.embeddings = model.embeddings
+            # ELECTRA-small & co. embed at a smaller width and project up to the layers' width
+            self.embeddings_project = getattr(model, "embeddings_project", None)
         self.layers = nn.ModuleDict({str(i): model.encoder.layer[i] for i in range(start_layer, total)})
         self.eval()
 
@@ -157,6 +160,8 @@ class SentenceEncoder(nn.Module):
         if self.start_layer == 0:
             x, mask = _trim(x, x[:, 2], 2)
             h = self.embeddings(input_ids=x[:, 0], token_type_ids=x[:, 1])
+            if self.embeddings_project is not None:
+                h = self.embeddings_project(h)
         else:
             h, mask = _trim(x[..., :-1], x[..., -1], 1)
         ext = _additive_mask(mask, h.dtype)
@@ -178,6 +183,8 @@ def prefix_states(model: nn.Module, tokens: torch.Tensor, start_layer: int, batc
         x, mask = _trim(tokens[rows], tokens[rows, 2], 2)
         x, mask = x.to(device), mask.to(device)
         h = model.embeddings(input_ids=x[:, 0], token_type_ids=x[:, 1])
+        if getattr(model, "embeddings_project", None) is not None:
+            h = model.embeddings_project(h)
         ext = _additive_mask(mask, h.dtype)
         for layer in model.encoder.layer[:start_layer]:
             h = _run_layer(layer, h, ext)
@@ -195,12 +202,14 @@ def length_batches(mask: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def sentence_features(module: nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """``module(x)`` in length-sorted batches, rows back in order (``x``: tokens ``[N, 3, L]`` or prefix states)."""
     mask = x[:, 2] if x.dtype == torch.long else x[..., -1]
+    device = next(module.parameters()).device
     parts = {}
     for rows in length_batches(mask, batch_size):
-        parts[rows] = module(x[rows])
+        parts[rows] = module(x[rows].to(device)).cpu()
     if not parts:
         return torch.zeros(0)
-    out = torch.empty(x.shape[0], *next(iter(parts.values())).shape[1:])
+    first = next(iter(parts.values()))
+    out = torch.empty(x.shape[0], *first.shape[1:], dtype=first.dtype)
     for rows, value in parts.items():
         out[rows] = value
     return out

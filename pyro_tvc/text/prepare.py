@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyro_tvc.artifacts import ArtifactPaths, load_head, save_head, vector_metadata
+from pyro_tvc.artifacts import ArtifactPaths, head_metadata, load_head, save_head, vector_metadata
 from pyro_tvc.backbones import ZeroShotHead
 from pyro_tvc.data.text import TEXT_TASKS, TextSplit, is_text_task_path, load_text_task, text_task_name
+from pyro_tvc.prepare import one_cycle
 from pyro_tvc.recipes import RECIPE_KEY, canonical_json, recipe_sha256, stored_recipe
 from pyro_tvc.reporting import markdown_table
 from pyro_tvc.runtime import atomic_write_text, check_writable_folder, progress, read_json, resolve_device, \
@@ -106,7 +107,7 @@ def finetune_tail(tail: SentenceEncoder, head: ZeroShotHead, prefix: torch.Tenso
     tail.requires_grad_(True)
     params = [p for p in tail.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = one_cycle(opt, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)
     pos = 0
@@ -125,7 +126,7 @@ def finetune_tail(tail: SentenceEncoder, head: ZeroShotHead, prefix: torch.Tenso
 
 
 def _scores(tail, head, prefix, labels, task: str, batch_size: int = 256) -> dict:
-    pred = head(sentence_features(tail, prefix, batch_size)).argmax(-1)
+    pred = head(sentence_features(tail, prefix, batch_size).to(head.weight.device)).argmax(-1).cpu()
     out = {"accuracy": round(100.0 * (pred == labels).float().mean().item(), 2)}
     metric = paper_metric(task, pred.numpy(), labels.numpy())
     if metric is not None:
@@ -139,6 +140,7 @@ def validate_text(cfg) -> TextSettings:
     Raises:
         ValueError: one line naming the option, what was given and what is accepted.
     """
+    cfg.validate_numbers()
     unknown = [t for t in cfg.tasks if t not in TEXT_TASKS and not is_text_task_path(t)]
     if unknown or not cfg.tasks:
         raise ValueError(f"--tasks {unknown or '[]'}: unknown text task(s); shipped text tasks: {', '.join(TEXT_TASKS)}"
@@ -162,10 +164,19 @@ def validate_text(cfg) -> TextSettings:
 
 
 def run_prepare_text(cfg) -> dict:
-    """Build (or reuse) the text artefacts of ``cfg.tasks`` and return the table (probe vs fine-tuned, test)."""
+    """Build (or reuse) the text artefacts of ``cfg.tasks`` and return the table (probe vs fine-tuned, test).
+
+    Every option and your own tasks are checked, and the model loaded, before anything is written. A head, vector
+    and table row are reused only when all three record this run's recipe (encoder, data incl. test, steps).
+
+    Raises:
+        ValueError: bad options (one line), an image artefact folder as ``--out``, another encoder's artefacts in
+            ``--out`` without ``--rebuild``; TextModelError / TextTaskError (ValueError subclasses).
+    """
     settings = validate_text(cfg)
-    check_writable_folder(cfg.out)
     paths = ArtifactPaths(Path(cfg.out))
+    if paths.clip.exists():
+        raise ValueError(f"--out {paths.root}: holds image artefacts (a CLIP theta_0); choose another --out for text")
     device = resolve_device(cfg.device)
     t_start = time.perf_counter()
     seed_everything(cfg.seed)
@@ -173,6 +184,11 @@ def run_prepare_text(cfg) -> dict:
     layers = num_layers(model)
     if not 1 <= cfg.text_layers <= layers:
         raise TextModelError(f"--text-layers {cfg.text_layers}: the encoder has {layers} layers; expected 1..{layers}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.max_length > positions:
+        raise TextModelError(f"--max-length {cfg.max_length}: the encoder has {positions} positions; expected at most "
+                             f"that")
+    check_writable_folder(cfg.out)
     settings = TextSettings(settings.folder, cfg.max_length, layers - cfg.text_layers)
     model_sha = model_sha256(model)
     default = str(cfg.text_model()) == DEFAULT_TEXT_MODEL
@@ -185,9 +201,15 @@ def run_prepare_text(cfg) -> dict:
                                 "max_length": settings.max_length})
     info["theta0_sha256"] = theta0_sha
     previous = read_encoder_info(paths.root) if is_text_artifacts(paths.root) else None
-    if previous is not None and previous.get("theta0_sha256") != theta0_sha and not cfg.rebuild:
-        raise ValueError(f"--out {paths.root}: holds text artefacts of another encoder setting (model, start layer "
-                         f"or length); pass --rebuild to replace them or choose another --out")
+    if previous is not None and previous.get("theta0_sha256") != theta0_sha:
+        if not cfg.rebuild:
+            raise ValueError(f"--out {paths.root}: holds text artefacts of another encoder setting (model, start "
+                             f"layer or length); pass --rebuild to replace them or choose another --out")
+        for stale in [*paths.root.glob("heads/*.safetensors"), *paths.root.glob("task_vectors/*.safetensors"),
+                      paths.table_json, paths.table_md]:  # everything built on the old encoder goes
+            stale.unlink(missing_ok=True)
+        print(f"prepare: {paths.root}: another encoder setting; its heads, vectors and table removed (--rebuild)",
+              file=sys.stderr)
     write_json(encoder_info_path(paths.root), info)
     hyper = {"steps": cfg.finetune_steps, "lr": cfg.finetune_lr, "batch_size": cfg.batch_size,
              "max_train": cfg.max_train, "seed": cfg.seed, "max_val": MAX_VAL, "max_test": MAX_TEST}
@@ -197,19 +219,23 @@ def run_prepare_text(cfg) -> dict:
     for spec, task in progress(list(zip(cfg.tasks, names)), cfg.quiet, desc="text tasks"):
         data = load_text_task(spec, seed=cfg.seed, max_train=cfg.max_train, max_val=MAX_VAL, max_test=MAX_TEST)
         recipe = {"theta0_sha256": theta0_sha, "task": task, "data": recipe_sha256(
-            {s: canonical_json([getattr(data, s).texts, getattr(data, s).labels.tolist()]) for s in ("train", "val")}),
-            "head": "linear_probe", "finetune": hyper}
+            {s: canonical_json([getattr(data, s).texts, getattr(data, s).labels.tolist()])
+             for s in ("train", "val", "test")}), "classes": data.classes, "head": "linear_probe", "finetune": hyper}
         if is_text_task_path(spec):  # the benchmark finds your own task's texts again here
             recipe["path"] = str(Path(spec).expanduser().resolve())
-        vec_path = paths.task_vector(task)
-        if vec_path.exists() and paths.head(task).exists() and \
-                stored_recipe(vector_metadata(vec_path)) == recipe and task in rows:
+        key = recipe_sha256(recipe)
+        vec_path, head_path = paths.task_vector(task), paths.head(task)
+        if vec_path.exists() and head_path.exists() and stored_recipe(vector_metadata(vec_path)) == recipe and \
+                stored_recipe(head_metadata(head_path)) == {**recipe, "kind": "linear_probe"} and \
+                rows.get(task, {}).get("recipe_sha256") == key:
             print(f"prepare: {task}: reusing its head and task vector (same recipe)", file=sys.stderr)
             continue
+        rows.pop(task, None)  # never a row of an earlier recipe beside this run's head and vector
         splits = {s: encode_split(model, tokenizer, getattr(data, s), settings, tail) for s in ("train", "val", "test")}
         (xt, ft, yt), (_, fv, yv), (xs, fs, ys) = splits["train"], splits["val"], splits["test"]
         head, _ = linear_probe(ft, yt, fv, yv, data.num_classes)
-        save_head(head, data.classes, paths.head(task), {**recipe, "kind": "linear_probe"})
+        save_head(head, data.classes, head_path, {**recipe, "kind": "linear_probe"})
+        head = head.to(device)
         probe = _scores(tail, head, xs, ys, task)
         finetune_tail(tail, head, xt, yt, cfg.finetune_steps, cfg.finetune_lr, cfg.batch_size, cfg.seed, cfg.quiet,
                       device)
@@ -220,14 +246,14 @@ def run_prepare_text(cfg) -> dict:
         tuned = _scores(tail, head, xs, ys, task)
         tail.load_state_dict(theta0)
         majority = 100.0 * float(np.bincount(ys.numpy(), minlength=data.num_classes).max() / max(1, len(ys)))
+        metric = PAPER_METRICS.get(task, ("accuracy",))[0]
         rows[task] = {"task": task, "classes": data.num_classes, "chance": round(100.0 / data.num_classes, 2),
                       "majority": round(majority, 2), "zero_shot": probe["accuracy"], "fine_tuned": tuned["accuracy"],
-                      "metric": PAPER_METRICS.get(task, ("accuracy",))[0],
-                      "probe_metric": probe.get(PAPER_METRICS.get(task, ("accuracy",))[0]),
-                      "fine_tuned_metric": tuned.get(PAPER_METRICS.get(task, ("accuracy",))[0]),
-                      "train": len(yt), "val": len(yv), "test": len(ys)}
-    ordered = [rows[t] for t in names] + [r for t, r in rows.items() if t not in names
-                                           and paths.task_vector(t).exists()]
+                      "metric": metric, "probe_metric": probe.get(metric), "fine_tuned_metric": tuned.get(metric),
+                      "train": len(yt), "val": len(yv), "test": len(ys), "recipe_sha256": key}
+    ordered = [rows[t] for t in names] + [r for t, r in rows.items() if t not in names  # earlier tasks, same encoder
+                                           and paths.task_vector(t).exists() and "metric" in r and
+                                           vector_metadata(paths.task_vector(t)).get("theta0_sha256") == theta0_sha]
     table = {"model": info["model"], "modality": "text", "theta0_sha256": theta0_sha, "encoder": info,
              "config": {k: str(v) for k, v in vars(cfg).items()}, "rows": ordered,
              "average": {k: round(sum(r[k] for r in ordered) / len(ordered), 2)
