@@ -88,8 +88,8 @@ def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str], metric: st
     extra = {"addition": [("normalized_accuracy", "normalised avg %")],
              "negation": [("control_accuracy", "control avg %"), ("control_retained_percent", "control kept %")]}
     extra = extra.get(protocol, [])
-    head = ["method"] + [_task_header(t, metric) for t in tasks] + ["average", "seeds"] + [h for _, h in extra] + ["exact zeros %", "train s",
-                                                                                 "inference × zero-shot"]
+    head = (["method"] + [_task_header(t, metric) for t in tasks] + ["average", "seeds"] + [h for _, h in extra]
+            + ["exact zeros %", "train s", "inference × zero-shot"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
     for (m, p), g in sub.groupby(["method", "prediction"], sort=False):
