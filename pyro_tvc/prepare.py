@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -50,8 +50,9 @@ class PrepareConfig:
         pretrained: Local CLIP checkpoint for ``model`` (state dict, open_clip checkpoint, safetensors or OpenAI
             TorchScript file); skips pre-training.
         data_root: Folder of real data sets (torchvision layout); default: the embedded sets.
-        tasks: Tasks to prepare (default: the 9 embedded sets; text: sst2 ag_news trec subj cola mrpc) (embedded names, or real ones with ``data_root``), without repeats, or paths of
-            your own tasks (an ImageFolder tree, an .npz or a .csv; docs/custom-tasks.md), named after the folder.
+        tasks: Tasks to prepare (default: the 9 embedded sets; text: sst2 ag_news trec subj cola mrpc): embedded
+            names, or real ones with ``data_root``, without repeats, or paths of your own tasks (an ImageFolder
+            tree, an .npz or a .csv; docs/custom-tasks.md; text: a folder, docs/text.md), named after the folder.
         pretrain_tasks: Embedded tasks whose images pre-train the tiny theta_0 (default: ``tasks``, or every
             embedded task when a task is given by path, i.e. the default theta_0). The demo
             pre-trains on every embedded set but fine-tunes only its own tasks, so its theta_0, heads and vectors
@@ -119,9 +120,6 @@ class PrepareConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-
-    def text_model(self) -> str:
-        return self.model
 
     def validate_numbers(self) -> None:
         """The numeric options (both modalities).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.12) and install pyro-tvc with its test and nlu (text path) extras. Idempotent: a second run with unchanged
-# pyproject.toml/constraints.txt does nothing. torch/torchvision are pinned to the builds on this machine's disk.
+# Create .venv (Python 3.12) and install pyro-tvc with its test and nlu (text path) extras. Idempotent: a
+# second run with unchanged pyproject.toml/constraints.txt does nothing. torch/torchvision are pinned to the builds on this machine's disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

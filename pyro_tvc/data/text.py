@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pyro_tvc.data import stratified_val_indices
+from pyro_tvc.data.custom import is_task_path, task_name
 
 TEXT_DIR = Path(__file__).parent / "text_embedded"
 TEXT_TASKS = ("sst2", "ag_news", "trec", "sms_spam", "subj", "emotion", "cola", "mrpc", "rte", "cr", "mpqa")
@@ -65,12 +66,14 @@ def text_manifest() -> dict:
 
 
 def is_text_task_path(spec: str) -> bool:
-    """A text task given by path (a folder of ``train.jsonl``, ``test.jsonl``, ``classes.txt``), not by name."""
-    return spec not in TEXT_TASKS and ("/" in spec or "\\" in spec or Path(spec).expanduser().is_dir())
+    """A text task given by path (a folder of ``train.jsonl``, ``test.jsonl``, ``classes.txt``), not by name: the
+    image tasks' rule (:func:`pyro_tvc.data.custom.is_task_path`), or an existing folder."""
+    return spec not in TEXT_TASKS and (is_task_path(spec) or Path(spec).expanduser().is_dir())
 
 
 def text_task_name(spec: str) -> str:
-    return Path(spec).expanduser().resolve().name if is_text_task_path(spec) else spec
+    """The folder's name of a task by path, else ``spec``."""
+    return task_name(spec) if is_text_task_path(spec) else spec
 
 
 def _own_rows(folder: Path, split: str) -> list[dict]:
@@ -137,8 +140,9 @@ def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_trai
                    max_val: int | None = None, max_test: int | None = None) -> TextTask:
     """One shipped text task, or your own by folder path (``train.jsonl``, ``test.jsonl`` — or ``.jsonl.gz`` —
     with ``{"text": ..., "label": k}`` or ``{"text_a": ..., "text_b": ..., "label": k}`` per line, and
-    ``classes.txt``; named after the folder), with train/val/test splits; ``max_train`` keeps a seeded subset of train, ``max_val``
-    of val; ``max_test`` a fixed subset of test (seed 0 whatever ``seed``: every run scores the same inputs).
+    ``classes.txt``; named after the folder), with train/val/test splits; ``max_train`` keeps a seeded subset of
+    train, ``max_val`` of val; ``max_test`` a fixed subset of test (seed 0 whatever ``seed``: every run scores the
+    same inputs).
 
     Raises:
         TextTaskError: an unknown name (the message lists the shipped ones), a missing or damaged file, an empty
@@ -162,9 +166,11 @@ def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_trai
         classes = (TEXT_DIR / name / "classes.txt").read_text(encoding="utf-8").splitlines()
         pair = name in PAIR_TASKS
     train = _split(name, "train", pair, len(classes))
-    pair = bool(train.texts) and isinstance(train.texts[0], tuple)
+    if pair is None:  # your own task: as its training rows are (test must match)
+        pair = isinstance(train.texts[0], tuple)
     train_idx, val_idx = stratified_val_indices(train.labels, val_fraction, seed)
     if max_train is not None and len(train_idx) > max_train:
         train_idx = np.sort(np.random.RandomState(seed).permutation(train_idx)[:max_train])
-    return TextTask(text_task_name(name), classes, pair, train.subset(train_idx), _capped(train.subset(val_idx), max_val, seed),
+    return TextTask(text_task_name(name), classes, pair, train.subset(train_idx),
+                    _capped(train.subset(val_idx), max_val, seed),
                     _capped(_split(name, "test", pair, len(classes)), max_test, 0))

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pyro_tvc.artifacts import ArtifactPaths, head_metadata, load_head, save_head, vector_metadata
+from pyro_tvc.artifacts import ArtifactPaths, head_metadata, save_head, vector_metadata
 from pyro_tvc.backbones import ZeroShotHead
 from pyro_tvc.data.text import TEXT_TASKS, TextSplit, is_text_task_path, load_text_task, text_task_name
 from pyro_tvc.prepare import one_cycle
@@ -105,8 +105,7 @@ def finetune_tail(tail: SentenceEncoder, head: ZeroShotHead, prefix: torch.Tenso
     """Adam on the tail's parameters with the head frozen; batches drawn with their own seeded generator."""
     tail.train()
     tail.requires_grad_(True)
-    params = [p for p in tail.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(tail.parameters(), lr=lr, weight_decay=0.0)
     sched = one_cycle(opt, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=gen)
@@ -125,8 +124,9 @@ def finetune_tail(tail: SentenceEncoder, head: ZeroShotHead, prefix: torch.Tenso
     tail.requires_grad_(False)
 
 
-def _scores(tail, head, prefix, labels, task: str, batch_size: int = 256) -> dict:
-    pred = head(sentence_features(tail, prefix, batch_size).to(head.weight.device)).argmax(-1).cpu()
+def _scores(features: torch.Tensor, head: ZeroShotHead, labels: torch.Tensor, task: str) -> dict:
+    """Accuracy (and the task's paper metric) in % of ``head`` on sentence ``features [N, D]``."""
+    pred = head(features.to(head.weight.device)).argmax(-1).cpu()
     out = {"accuracy": round(100.0 * (pred == labels).float().mean().item(), 2)}
     metric = paper_metric(task, pred.numpy(), labels.numpy())
     if metric is not None:
@@ -160,7 +160,7 @@ def validate_text(cfg) -> TextSettings:
                          "--data-root and --pretrained are for images")
     if not 8 <= cfg.max_length <= 512:
         raise ValueError(f"--max-length {cfg.max_length}: expected an integer in [8, 512]")
-    return TextSettings(resolve_model_folder(cfg.text_model()), cfg.max_length, -1)
+    return TextSettings(resolve_model_folder(cfg.model), cfg.max_length, -1)
 
 
 def run_prepare_text(cfg) -> dict:
@@ -191,7 +191,7 @@ def run_prepare_text(cfg) -> dict:
     check_writable_folder(cfg.out)
     settings = TextSettings(settings.folder, cfg.max_length, layers - cfg.text_layers)
     model_sha = model_sha256(model)
-    default = str(cfg.text_model()) == DEFAULT_TEXT_MODEL
+    default = str(cfg.model) == DEFAULT_TEXT_MODEL
     info = {"format": TEXT_FORMAT, "name": DEFAULT_TEXT_MODEL if default else settings.folder.name,
             "model": DEFAULT_TEXT_MODEL if default else str(settings.folder), "model_sha256": model_sha,
             "start_layer": settings.start_layer, "max_length": settings.max_length, "layers": layers}
@@ -236,14 +236,14 @@ def run_prepare_text(cfg) -> dict:
         head, _ = linear_probe(ft, yt, fv, yv, data.num_classes)
         save_head(head, data.classes, head_path, {**recipe, "kind": "linear_probe"})
         head = head.to(device)
-        probe = _scores(tail, head, xs, ys, task)
+        probe = _scores(fs, head, ys, task)  # theta_0's test features, computed once above
         finetune_tail(tail, head, xt, yt, cfg.finetune_steps, cfg.finetune_lr, cfg.batch_size, cfg.seed, cfg.quiet,
                       device)
         vector = TaskVector.from_state_dicts(theta0, tail.state_dict(), task=task, backbone=info["name"])
         vector.meta["theta0_sha256"] = theta0_sha
         vector.meta[RECIPE_KEY] = canonical_json(recipe)
         vector.save(vec_path)
-        tuned = _scores(tail, head, xs, ys, task)
+        tuned = _scores(sentence_features(tail, xs), head, ys, task)
         tail.load_state_dict(theta0)
         majority = 100.0 * float(np.bincount(ys.numpy(), minlength=data.num_classes).max() / max(1, len(ys)))
         metric = PAPER_METRICS.get(task, ("accuracy",))[0]
@@ -269,6 +269,3 @@ def run_prepare_text(cfg) -> dict:
               f"{layers - settings.start_layer} layers ({info['name']}, {settings.max_length} tokens)"))
     return table
 
-
-def load_text_head(paths: ArtifactPaths, task: str, device="cpu") -> ZeroShotHead:
-    return load_head(paths.head(task), device)[0]

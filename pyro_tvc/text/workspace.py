@@ -63,10 +63,10 @@ class TextWorkspace:
         self._encoded: dict = {}  # (task, split, text) -> (prefix row, feature row): the bottom runs once per text
 
     def register(self, spec: str) -> str:
-        """Text targets are the shipped sets by name (tasks by path are for images).
+        """A shipped text task by name, or your own by folder (prepared into these artefacts first).
 
         Raises:
-            ValueError: an unknown text task.
+            ValueError: an unknown text task, or a folder without a prepared head here.
         """
         if is_text_task_path(spec):
             name = text_task_name(spec)
