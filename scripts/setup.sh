@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (Python 3.12) and install pyro-tvc with its test and nlu (text path) extras. Idempotent: a
-# second run with unchanged pyproject.toml/constraints.txt does nothing. torch/torchvision are pinned to the builds on this machine's disk.
+# second run with unchanged pyproject.toml/constraints.txt does nothing. torch/torchvision are pinned to the
+# builds on this machine's disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
