@@ -54,6 +54,24 @@ def summary(g: torch.Tensor, reference_mean: torch.Tensor) -> dict:
             "relative_distance_to_reference": ((mean - reference_mean).norm() / reference_mean.norm()).item()}
 
 
+def sweep_point(problem, elbo, x, f, y, idx, repeats: int, cv_max: float, ungated_g: torch.Tensor) -> dict:
+    """The gated estimator of the trained guide with the reliability cap ``cv_max`` (the gate is an estimator
+    option: the parameters stay those trained with the default cap)."""
+    gate = problem.guide.gate
+    default, gate.cv_max = gate.cv_max, cv_max
+    problem.guide.estimator = "straight_through"
+    try:
+        g = gradients(problem, elbo, x, f, y, idx, repeats)
+        stats = gate_statistics(problem.guide, f)
+    finally:
+        gate.cv_max = default
+    cosine = torch.nn.functional.cosine_similarity(g.mean(0), ungated_g.mean(0), dim=0).item()
+    variance = (g - g.mean(0)).pow(2).sum(1).mean().item() / (ungated_g - ungated_g.mean(0)).pow(2).sum(1).mean().item()
+    return {"cv_max": cv_max, "variance_ratio_gated_to_ungated": variance, "cosine_gated_to_ungated_mean": cosine,
+            "gate_reliable_among_included": stats["gate_reliable_among_included"],
+            "gate_fraction_sampled": stats["gate_fraction_sampled"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     artefact_args(parser)
@@ -67,6 +85,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="training-config fields")
+    parser.add_argument("--cv-max-sweep", type=float, nargs="*", default=[],
+                        help="after training, measure the gated estimator again with each of these cv caps")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gradient_variance.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,6 +124,8 @@ def main() -> None:
     result["variance_ratio_gated_to_ungated"] = result["gated_st"]["total_variance"] / result["ungated_st"]["total_variance"]
     result["variance_ratio_score_function_to_ungated"] = (result["score_function"]["total_variance"]
                                                           / result["ungated_st"]["total_variance"])
+    result["cv_max_sweep"] = [sweep_point(problem, mean_field, x, f, y, idx, args.repeats, cv, ungated_g)
+                              for cv in args.cv_max_sweep]
     write_json(args.out, result)  # atomic, creates the folder
     print(json.dumps(result, indent=1))
 

@@ -114,6 +114,11 @@ def head_metadata(path: Path) -> dict[str, str]:
     return _checked_metadata(path, HEAD_FORMAT, "head")
 
 
+def head_classes(path: Path) -> list[str]:
+    """The class names a saved head was built for, in label order (without loading its weight)."""
+    return json.loads(_checked_metadata(path, HEAD_FORMAT, "head")["classes"])
+
+
 def load_head(path: Path, device="cpu") -> tuple[ZeroShotHead, list[str]]:
     meta = _checked_metadata(path, HEAD_FORMAT, "head")
     weight = load_file(str(path))["weight"].to(device)
@@ -155,8 +160,35 @@ def load_bank(paths: ArtifactPaths, tasks: list[str], theta0_sha256: str | None 
     if theta0_sha256 is not None:
         for v in vectors:
             if v.meta.get("theta0_sha256") != theta0_sha256:
-                raise ValueError(f"task vector {v.task!r} was built on another theta_0 than {paths.clip}")
+                raise ValueError(f"task vector {v.task!r} was built on another theta_0 (sha256 "
+                                 f"{str(v.meta.get('theta0_sha256'))[:12]}…) than the one prepared in {paths.root} "
+                                 f"({theta0_sha256[:12]}…); re-run `pyro-tvc prepare` for it")
     return TaskVectorBank.from_vectors(vectors)
+
+
+def artefact_identity(path: Path) -> str | None:
+    """What a result computed from the head or task vector at ``path`` depends on (a benchmark cell's cache key).
+
+    The sha256 of the recipe it records (equal recipes make equal artefacts, on any machine), or of the file itself
+    when it records none or only ``{"kind": "import"}`` (an imported vector: the recipe says nothing about which);
+    None when there is no file.
+    """
+    from pyro_tvc.checkpoints import file_sha256
+    from pyro_tvc.recipes import recipe_sha256, stored_recipe
+
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)  # a rewritten file is read again
+    if key not in _IDENTITIES:
+        with safe_open(str(path), "pt") as f:
+            recipe = stored_recipe(f.metadata() or {})
+        unrecorded = recipe is None or recipe == {"kind": "import"}
+        _IDENTITIES[key] = "file:" + file_sha256(path) if unrecorded else "recipe:" + recipe_sha256(recipe)
+    return _IDENTITIES[key]
+
+
+_IDENTITIES: dict[tuple, str] = {}
 
 
 def prepared_tasks(paths: ArtifactPaths) -> list[str]:

@@ -1,6 +1,7 @@
 """`pyro-tvc benchmark` end to end on the small prepared fixture: records, tables, resume, bad input."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -161,6 +162,15 @@ def test_evaluate_fit_records_calibration_and_auroc_against_hand_computation():
     assert got["auroc_entropy_error"] == pytest.approx(expected)
     assert got["nll"] == pytest.approx(-sum(math.log(probs[i, labels[i]]) for i in range(6)) / 6)
     assert got["accuracy"] == pytest.approx(100 * (1 - sum(wrong) / 6))
+    assert "mcc" not in got  # no paper metric unless the workspace names one (an image task may be called cola)
+    for paper in ({}, {"t": "mcc"}):
+        rows = evaluate_fit("target", "hand", 1, FitResult({"single": Fixed()}), test, ["t"], paper_metrics=paper)
+        got = {r["metric"]: r["value"] for r in rows if r["task"] == "t"}
+        if paper:  # binary MCC is the Pearson correlation of the 0/1 predictions and labels
+            expected = np.corrcoef(probs.argmax(1).numpy(), labels.numpy())[0, 1]
+            assert got["mcc"] == pytest.approx(100 * expected)
+        else:
+            assert "mcc" not in got and "f1" not in got
 
 
 def test_protocol_table_cells_from_hand_made_records():
@@ -191,3 +201,69 @@ def test_protocol_table_cells_from_hand_made_records():
     table, summary = protocol_table(scored, "addition", ["x", "cola"], "score")
     assert "cola (MCC)" in table.splitlines()[0]
     assert summary["atlas:single"]["average"] == pytest.approx((51.0 + 10.0) / 2)
+    # a task named like a GLUE task but scored by accuracy (an image folder called cola): no metric in its header
+    named = df.copy()
+    named.loc[named.task == "y", "task"] = "cola"
+    named.loc[named.task == "x", "task"] = "mrpc"
+    f1 = named[(named.metric == "accuracy") & (named.task == "mrpc")].assign(metric="f1", value=70.0)
+    table, _ = protocol_table(with_task_scores(pd.concat([named, f1], ignore_index=True)), "addition",
+                              ["mrpc", "cola"], "score")
+    assert table.splitlines()[0].startswith("| method | mrpc (F1) | cola | average")
+
+
+def test_cell_key_follows_the_artefacts_the_cell_reads(tmp_path):
+    """A hand-made artefact folder: the key moves exactly when a head or vector the cell reads changes recipe (or,
+    recording none, content), or when one more prepared vector joins the default pool."""
+    import types
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pyro_tvc.artifacts import ArtifactPaths
+    from pyro_tvc.experiments.config import BenchmarkConfig
+    from pyro_tvc.experiments.runner import cell_key
+
+    paths = ArtifactPaths(tmp_path)
+    (tmp_path / "heads").mkdir()
+    (tmp_path / "task_vectors").mkdir()
+
+    def write(path, value, recipe):
+        meta = {} if recipe is None else {"recipe": json.dumps(recipe)}
+        save_file({"w": torch.full((2,), float(value))}, str(path), metadata=meta)
+
+    for t in ("a", "b", "c", "d"):
+        write(paths.head(t), 0, {"head": t})
+    for t in ("a", "b", "c"):
+        write(paths.task_vector(t), 0, {"vector": t})
+    ws = types.SimpleNamespace(paths=paths, with_vectors=["a", "b", "c"], with_heads=["a", "b", "c", "d"],
+                               theta0_sha256="t0", custom={})
+    cfg = BenchmarkConfig(negation_control="d")
+    target, negation = ("target", "atlas", "a", 1), ("negation", "atlas", "a", 1)
+    keys = lambda c=cfg: (cell_key(c, ws, target), cell_key(c, ws, negation))  # noqa: E731
+    k0 = keys()
+    write(paths.task_vector("b"), 5, {"vector": "b"})  # same recipe, new bytes: recipe-keyed, the same cell
+    assert keys() == k0
+    write(paths.task_vector("b"), 0, {"vector": "b", "steps": 300})  # re-prepared with another recipe
+    k1 = keys()
+    assert k1[0] != k0[0] and k1[1] != k0[1]
+    write(paths.head("d"), 0, {"head": "d", "templates": 2})  # only negation's control reads d's head
+    k2 = keys()
+    assert k2[0] == k1[0] and k2[1] != k1[1]
+    write(paths.task_vector("c"), 1, None)  # no recipe recorded: its content is the identity
+    k3 = keys()
+    write(paths.task_vector("c"), 2, None)
+    assert keys()[0] != k3[0]
+    pooled = BenchmarkConfig(negation_control="d", pool=["b"])
+    kp, k4 = keys(pooled), keys()
+    write(paths.task_vector("e"), 0, {"vector": "e"})  # one more prepared task joins the default pool only
+    ws.with_vectors.append("e")
+    assert keys(pooled) == kp and keys()[0] != k4[0]
+    kb = keys(pooled)
+    write(paths.head("b"), 0, {"head": "b", "classes": 3})  # b is in the pool: its head is read
+    kc = keys(pooled)
+    assert kc[0] != kb[0]
+    write(paths.head("c"), 0, {"head": "c", "classes": 3})  # c is neither pool, target nor control
+    write(paths.task_vector("c"), 3, None)
+    assert keys(pooled) == kc
+    write(paths.task_vector("a"), 0, {"vector": "a", "steps": 300})  # negation reads its target's vector
+    assert keys(pooled)[1] != kc[1]

@@ -46,6 +46,14 @@ def test_case4_nan_vector_refused_at_bank_load_naming_task_and_block(tmp_path):
     assert load_bank(paths, ["good"]).num_tasks == 1
 
 
+def test_vector_of_another_theta0_refused_naming_the_folder_not_a_file_of_one_modality(tmp_path):
+    paths = ArtifactPaths(tmp_path)
+    _raw_vector_file(paths.task_vector("good"), _state(1), "good")  # built on theta_0 "x"
+    assert load_bank(paths, ["good"], theta0_sha256="x").num_tasks == 1
+    with pytest.raises(ValueError, match=rf"'good' was built on another theta_0 .* prepared in {tmp_path} \(yyyy"):
+        load_bank(paths, ["good"], theta0_sha256="y" * 64)
+
+
 def test_case4_nan_bank_refused_at_composition_naming_task_and_blocks():
     from pyro_tvc.compose.engine import Composer
 

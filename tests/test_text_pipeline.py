@@ -155,7 +155,7 @@ def _own_task(folder, texts, labels, classes, split_at):
     return folder
 
 
-def test_your_own_text_task_by_folder_through_prepare_and_benchmark(text_prepared, tmp_path):
+def test_your_own_text_task_by_folder_through_prepare_and_benchmark(text_prepared, tmp_path, capsys):
     model_dir, _ = text_prepared
     trec = load_text_task("trec", max_train=240)
     mine = _own_task(tmp_path / "my_questions", trec.train.texts, trec.train.labels, trec.classes, 180)
@@ -172,6 +172,14 @@ def test_your_own_text_task_by_folder_through_prepare_and_benchmark(text_prepare
     records = json.loads((run / "results.json").read_text())["records"]
     (zs,) = [r["value"] for r in records if (r["method"], r["metric"]) == ("zero_shot", "accuracy")]
     assert zs == pytest.approx(rows["my_questions"]["zero_shot"], abs=0.11)
+    # the folder changed after prepare (one class more): its labels no longer index the head's rows
+    (mine / "classes.txt").write_text("\n".join(trec.classes + ["extra"]) + "\n")
+    again = tmp_path / "bench2"
+    assert main(["benchmark", "--artifacts", str(out), "--out", str(again), "--protocols", "target", "--targets",
+                 str(mine), "--methods", "zero_shot", "--seeds", "1", "--quiet", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "classes.txt lists 7 classes" in err[0] and "re-run `pyro-tvc prepare" in err[0]
+    assert not again.exists()
 
 
 def test_glue_metrics_against_hand_counts():

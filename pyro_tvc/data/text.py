@@ -136,6 +136,24 @@ def _capped(split: TextSplit, cap: int | None, seed: int) -> TextSplit:
     return split.subset(np.sort(np.random.RandomState(seed).permutation(len(split))[:cap]))
 
 
+def text_task_classes(spec: str) -> list[str]:
+    """The class names of the text task folder ``spec`` (``classes.txt``, one per line, in label order).
+
+    Raises:
+        TextTaskError: no such folder, no classes.txt, or fewer than 2 classes.
+    """
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise TextTaskError(f"{spec}: no such folder (a text task by path is a folder of train.jsonl, "
+                            f"test.jsonl and classes.txt)")
+    if not (folder / "classes.txt").is_file():
+        raise TextTaskError(f"{folder}: no classes.txt (one class name per line, in label order)")
+    classes = [c for c in (folder / "classes.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
+    if len(classes) < 2:
+        raise TextTaskError(f"{folder}/classes.txt: {len(classes)} class(es); expected at least 2")
+    return classes
+
+
 def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_train: int | None = None,
                    max_val: int | None = None, max_test: int | None = None) -> TextTask:
     """One shipped text task, or your own by folder path (``train.jsonl``, ``test.jsonl`` — or ``.jsonl.gz`` —
@@ -149,16 +167,7 @@ def load_text_task(name: str, val_fraction: float = 0.1, seed: int = 0, max_trai
             text field or a label outside the task's classes (naming the file and line).
     """
     if is_text_task_path(name):
-        folder = Path(name).expanduser()
-        if not folder.is_dir():
-            raise TextTaskError(f"{name}: no such folder (a text task by path is a folder of train.jsonl, "
-                                f"test.jsonl and classes.txt)")
-        if not (folder / "classes.txt").is_file():
-            raise TextTaskError(f"{folder}: no classes.txt (one class name per line, in label order)")
-        classes = [c for c in (folder / "classes.txt").read_text(encoding="utf-8").splitlines() if c.strip()]
-        if len(classes) < 2:
-            raise TextTaskError(f"{folder}/classes.txt: {len(classes)} class(es); expected at least 2")
-        pair = None
+        classes, pair = text_task_classes(name), None
     elif name not in TEXT_TASKS:
         raise TextTaskError(f"unknown text task {name!r}; shipped text tasks: {', '.join(TEXT_TASKS)} (or a folder "
                             f"of train.jsonl, test.jsonl, classes.txt)")

@@ -71,8 +71,13 @@ def with_task_scores(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([df, acc.assign(metric="score"), df[other].assign(metric="score")], ignore_index=True)
 
 
-def _task_header(task: str, metric: str) -> str:
-    return f"{task} ({PAPER_METRICS[task][1]})" if metric == "score" and task in PAPER_METRICS else task
+def _task_header(df: pd.DataFrame, task: str, metric: str) -> str:
+    """``cola (MCC)`` when the task's ``score`` is a paper metric recorded for it, else the task's name."""
+    if metric == "score":
+        for name, shown in PAPER_METRICS.values():
+            if ((df.task == task) & (df.metric == name)).any():
+                return f"{task} ({shown})"
+    return task
 
 
 def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str], metric: str = "accuracy") -> tuple[str, dict]:
@@ -88,7 +93,7 @@ def protocol_table(df: pd.DataFrame, protocol: str, tasks: list[str], metric: st
     extra = {"addition": [("normalized_accuracy", "normalised avg %")],
              "negation": [("control_accuracy", "control avg %"), ("control_retained_percent", "control kept %")]}
     extra = extra.get(protocol, [])
-    head = (["method"] + [_task_header(t, metric) for t in tasks] + ["average", "seeds"] + [h for _, h in extra]
+    head = (["method"] + [_task_header(sub, t, metric) for t in tasks] + ["average", "seeds"] + [h for _, h in extra]
             + ["exact zeros %", "train s", "inference × zero-shot"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     summary = {}
@@ -184,7 +189,8 @@ def plot_accuracy(df: pd.DataFrame, protocol: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_cost(summary: dict, protocol: str, path: Path) -> None:
+def plot_cost(summary: dict, protocol: str, path: Path, metric: str = "accuracy") -> None:
+    """Each method's average ``metric`` (its table's) against its inference time relative to zero-shot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -202,8 +208,10 @@ def plot_cost(summary: dict, protocol: str, path: Path) -> None:
                     xytext=(5, 8 - 11 * (i % 3)), textcoords="offset points")  # staggered: neighbours overlap
     ax.set_xscale("log")
     ax.set_xlabel("inference time per input relative to zero-shot (log scale)")
-    ax.set_ylabel("average test accuracy (%)")
-    ax.set_title(f"{protocol}: accuracy vs inference cost", fontsize=11)
+    what = "accuracy" if metric == "accuracy" else "score"
+    ax.set_ylabel("average test accuracy (%)" if what == "accuracy" else
+                  "average test score (%): accuracy; MCC for CoLA, F1 for MRPC")
+    ax.set_title(f"{protocol}: {what} vs inference cost", fontsize=11)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -229,7 +237,7 @@ def write_reports(records: list[dict], out: Path, cfg, ws) -> dict:
                 "accuracy %", "score % (accuracy; MCC for CoLA, F1 for MRPC)")
             parts += [f"## {title}{scope}", "", table]
         plot_accuracy(df, protocol, out / f"accuracy_{protocol}.png")
-        plot_cost(summary[protocol], protocol, out / f"cost_{protocol}.png")
+        plot_cost(summary[protocol], protocol, out / f"cost_{protocol}.png", metric)
         parts += [f"![accuracy per task]({'accuracy_' + protocol}.png)", ""]
     table, summary["posterior"] = posterior_table(df, ISSUE_TARGETS)
     if table:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from pyro_tvc import distributed
+from pyro_tvc.artifacts import artefact_identity
 from pyro_tvc.data import EMBEDDED_TASKS
 from pyro_tvc.experiments.config import BenchmarkConfig, full_grid
 from pyro_tvc.methods import get_method
@@ -63,11 +64,27 @@ def _plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
     return cells
 
 
+def cell_artefacts(cfg: BenchmarkConfig, ws, cell: tuple) -> dict:
+    """``{"heads": {task: identity}, "vectors": {task: identity}}`` of every artefact the cell can read: the pool's
+    vectors (all prepared ones by default, so preparing one more task invalidates the cells it would join) and the
+    target's, and the heads of those, of the target and of negation's control
+    (:func:`pyro_tvc.artifacts.artefact_identity`)."""
+    protocol, _, target, _ = cell
+    vectors = set(cfg.pool or ws.with_vectors) | ({target} & set(ws.with_vectors))
+    heads = vectors | ({target} - {ALL_TASKS})
+    if protocol == "negation":
+        heads.add(get_protocol("negation").control_for(target, cfg.negation_control, ws.with_heads))
+    return {"heads": {t: artefact_identity(ws.paths.head(t)) for t in sorted(heads)},
+            "vectors": {t: artefact_identity(ws.paths.task_vector(t)) for t in sorted(vectors)}}
+
+
 def cell_key(cfg: BenchmarkConfig, ws, cell: tuple) -> str:
+    """``<protocol>-<method>-<target>-s<seed>-<digest>``: the digest covers the cell, every option that shapes it,
+    theta_0 and the heads and vectors it reads (a re-prepared artefact makes a new key, never a stale hit)."""
     protocol, method, target, seed = cell
     spec = {"cell": list(cell), "method_config": jsonable(cfg.method_config()), "shots": cfg.shots,
             "pool": cfg.pool, "negation_control": cfg.negation_control, "selection": cfg.selection_per_task,
-            "theta0": ws.theta0_sha256, "version": 1}
+            "theta0": ws.theta0_sha256, "artefacts": cell_artefacts(cfg, ws, cell), "version": 2}
     if target in ws.custom:  # your own task: its content, not only its name
         spec["data"] = custom_data_identity(ws.custom[target])
     real = [t for t in ([target] + list(cfg.pool or ws.with_vectors)) if t not in EMBEDDED_TASKS and t not in ws.custom

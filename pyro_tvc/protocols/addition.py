@@ -34,7 +34,7 @@ def run(ws: Workspace, method, target: str, seed: int, cfg) -> list[dict]:
     ctx = MethodContext(ws.encoder, bank, ws.heads(tasks), learn, select, unlabeled(test), cfg.method_config(), seed,
                         own_bank=bank, quiet=cfg.quiet)
     seed_everything(seed)
-    rows = evaluate_fit(NAME, method.name, seed, method.fit(ctx), test, tasks)
+    rows = evaluate_fit(NAME, method.name, seed, method.fit(ctx), test, tasks, paper_metrics=ws.paper_metrics)
     for r in list(rows):
         ft = ws.finetuned_accuracy(r["task"]) if r["metric"] == "accuracy" else None
         if ft and r["value"] is not None:

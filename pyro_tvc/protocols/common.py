@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Mapping
 
 import torch
 
 from pyro_tvc.diagnostics.summaries import auroc, expected_calibration_error, predictive_entropy
 from pyro_tvc.evaluation import nll
 from pyro_tvc.methods.base import FitResult, TaskData, per_task_accuracy
-from pyro_tvc.text.metrics import paper_metric
+from pyro_tvc.text.metrics import score as paper_score
 
 # what a method learned that the tables report (FitResult.learned keys; docs/glossary.md)
 LEARNED_METRICS = ("true_elbo_per_datum", "gate_fraction_pruned", "gate_fraction_reliable", "gate_fraction_sampled",
@@ -23,11 +24,13 @@ def record(protocol, method, prediction, task, seed, metric, value) -> dict:
 
 
 def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test: TaskData,
-                 task_names: list[str], tasks_to_report: list[str] | None = None) -> list[dict]:
-    """Accuracy (%), NLL (nats) and ECE (%) per task, exact-zero fraction and inference time per test input (ms) of
-    every prediction of ``result``; plus, for the main prediction, the fit's train time (s, task ``ALL``) and the
-    scalars of :data:`LEARNED_METRICS` that the method reports (under the target's name when the fit has one
-    reported task, else ``ALL``)."""
+                 task_names: list[str], tasks_to_report: list[str] | None = None,
+                 paper_metrics: Mapping[str, str] | None = None) -> list[dict]:
+    """Accuracy (%), NLL (nats), ECE (%), AUROC of the entropy for errors and the paper metric named in
+    ``paper_metrics`` (task -> ``mcc``/``f1``; the workspace's) per task, exact-zero fraction and inference time per
+    test input (ms) of every prediction of ``result``; plus, for the main prediction, the fit's train time (s, task
+    ``ALL``) and the scalars of :data:`LEARNED_METRICS` that the method reports (under the target's name when the
+    fit has one reported task, else ``ALL``)."""
     main = next(iter(result.predictors))
     rows = [record(protocol, method, main, "ALL", seed, "train_seconds", result.train_seconds)]
     report = tasks_to_report or task_names
@@ -53,9 +56,9 @@ def evaluate_fit(protocol: str, method: str, seed: int, result: FitResult, test:
                     score = auroc(predictive_entropy(p), p.argmax(-1) != y)
                     if not math.isnan(score):
                         rows.append(record(protocol, method, kind, name, seed, "auroc_entropy_error", score))
-                    metric = paper_metric(name, p.argmax(-1), y)  # MCC for CoLA, F1 for MRPC (GLUE's metrics)
-                    if metric is not None:
-                        rows.append(record(protocol, method, kind, name, seed, *metric))
+                    if name in (paper_metrics or {}):  # MCC for CoLA, F1 for MRPC (GLUE's metrics)
+                        rows.append(record(protocol, method, kind, name, seed,
+                                           *paper_score(paper_metrics[name], p.argmax(-1), y)))
         rows.append(record(protocol, method, kind, "ALL", seed, "inference_ms_per_input", ms))
         zeros = predictor.exact_zero_fraction(test)
         if zeros is not None:

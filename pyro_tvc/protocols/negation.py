@@ -65,7 +65,7 @@ def run(ws: Workspace, method, target: str, seed: int, cfg) -> list[dict]:
     ctx.control_min_accuracy = CONTROL_KEEP * per_task_accuracy(zs.probs(select), select, 2)[1]
     zs_control_test = per_task_accuracy(zs.probs(test), test, 2)[1]
     seed_everything(seed)
-    rows = evaluate_fit(NAME, method.name, seed, method.fit(ctx), test, tasks)
+    rows = evaluate_fit(NAME, method.name, seed, method.fit(ctx), test, tasks, paper_metrics=ws.paper_metrics)
     out = []
     for r in rows:
         if r["metric"] == "accuracy" and r["task"] == control:

@@ -30,4 +30,5 @@ def run(ws: Workspace, method, target: str, seed: int, cfg) -> list[dict]:
                         data["val"], unlabeled(data["test"]), cfg.method_config(), seed,
                         own_bank=ws.bank([target]) if target in ws.with_vectors else None, quiet=cfg.quiet)
     seed_everything(seed)
-    return evaluate_fit(NAME, method.name, seed, method.fit(ctx), data["test"], [target])
+    return evaluate_fit(NAME, method.name, seed, method.fit(ctx), data["test"], [target],
+                        paper_metrics=ws.paper_metrics)

@@ -49,6 +49,11 @@ class Workspace:
             if path is not None:
                 self.custom[name] = path
 
+    @property
+    def paper_metrics(self) -> dict[str, str]:
+        """Task -> paper metric recorded beside accuracy: none for image tasks (GLUE's metrics are text's)."""
+        return {}
+
     def register(self, spec: str) -> str:
         """The name of target ``spec``; a task given by path is checked (loaded once) and registered under it.
 

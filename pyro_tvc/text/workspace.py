@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_head, vector_metadata
-from pyro_tvc.data.text import TEXT_TASKS, is_text_task_path, load_text_task, text_task_name
+from pyro_tvc.artifacts import ArtifactPaths, head_classes, load_bank, load_head, vector_metadata
+from pyro_tvc.data.text import TEXT_TASKS, is_text_task_path, load_text_task, text_task_classes, text_task_name
 from pyro_tvc.recipes import stored_recipe
 from pyro_tvc.heads import MultiHead
 from pyro_tvc.methods.base import TaskData
 from pyro_tvc.runtime import read_json
+from pyro_tvc.text.metrics import PAPER_METRICS
 from pyro_tvc.text.encoder import SentenceEncoder, load_text_model, resolve_model_folder
 from pyro_tvc.text.prepare import MAX_TEST, MAX_VAL, TextSettings, encode_split, model_sha256, read_encoder_info
 
@@ -62,6 +63,12 @@ class TextWorkspace:
         self._data: dict = {}
         self._encoded: dict = {}  # (task, split, text) -> (prefix row, feature row): the bottom runs once per text
 
+    @property
+    def paper_metrics(self) -> dict[str, str]:
+        """Task -> GLUE's metric recorded beside accuracy (``mcc`` for CoLA, ``f1`` for MRPC; the names are the shipped
+        tasks', which a text task by path cannot take)."""
+        return {task: name for task, (name, _) in PAPER_METRICS.items()}
+
     def register(self, spec: str) -> str:
         """A shipped text task by name, or your own by folder (prepared into these artefacts first).
 
@@ -73,6 +80,11 @@ class TextWorkspace:
             if name not in self.with_heads or self.custom.get(name) != str(Path(spec).expanduser().resolve()):
                 raise ValueError(f"--targets {spec}: text tasks by path need their head: run `pyro-tvc prepare "
                                  f"--modality text --tasks {spec} --out {self.paths.root}` first")
+            classes, prepared = text_task_classes(spec), head_classes(self.paths.head(name))
+            if classes != prepared:  # the folder changed since prepare: its labels no longer index the head's rows
+                raise ValueError(f"--targets {spec}: classes.txt lists {len(classes)} classes {classes[:4]}, the head "
+                                 f"prepared for it {len(prepared)} {prepared[:4]}; re-run `pyro-tvc prepare "
+                                 f"--modality text --tasks {spec} --out {self.paths.root}`")
             return name
         if spec not in TEXT_TASKS:
             raise ValueError(f"--targets {spec}: unknown text task; shipped text tasks: {', '.join(TEXT_TASKS)}")
