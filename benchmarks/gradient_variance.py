@@ -54,20 +54,24 @@ def summary(g: torch.Tensor, reference_mean: torch.Tensor) -> dict:
             "relative_distance_to_reference": ((mean - reference_mean).norm() / reference_mean.norm()).item()}
 
 
-def sweep_point(problem, elbo, x, f, y, idx, repeats: int, cv_max: float, ungated_g: torch.Tensor) -> dict:
-    """The gated estimator of the trained guide with the reliability cap ``cv_max`` (the gate is an estimator
-    option: the parameters stay those trained with the default cap)."""
+def sweep_point(problem, elbo, x, f, y, idx, repeats: int, inclusion_min: float, cv_max: float,
+                ungated_g: torch.Tensor) -> dict:
+    """The gated estimator of the trained guide with other reliability thresholds (the gate is an estimator
+    option: the parameters stay those trained with the default thresholds)."""
     gate = problem.guide.gate
-    default, gate.cv_max = gate.cv_max, cv_max
+    default = (gate.inclusion_min, gate.cv_max)
+    gate.inclusion_min, gate.cv_max = inclusion_min, cv_max
     problem.guide.estimator = "straight_through"
     try:
         g = gradients(problem, elbo, x, f, y, idx, repeats)
         stats = gate_statistics(problem.guide, f)
     finally:
-        gate.cv_max = default
-    cosine = torch.nn.functional.cosine_similarity(g.mean(0), ungated_g.mean(0), dim=0).item()
-    variance = (g - g.mean(0)).pow(2).sum(1).mean().item() / (ungated_g - ungated_g.mean(0)).pow(2).sum(1).mean().item()
-    return {"cv_max": cv_max, "variance_ratio_gated_to_ungated": variance, "cosine_gated_to_ungated_mean": cosine,
+        gate.inclusion_min, gate.cv_max = default
+    variance = lambda t: (t - t.mean(0)).pow(2).sum(1).mean().item()  # noqa: E731
+    return {"inclusion_min": inclusion_min, "cv_max": cv_max,
+            "variance_ratio_gated_to_ungated": variance(g) / variance(ungated_g),
+            "cosine_gated_to_ungated_mean": torch.nn.functional.cosine_similarity(
+                g.mean(0), ungated_g.mean(0), dim=0).item(),
             "gate_reliable_among_included": stats["gate_reliable_among_included"],
             "gate_fraction_sampled": stats["gate_fraction_sampled"]}
 
@@ -85,8 +89,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="training-config fields")
-    parser.add_argument("--cv-max-sweep", type=float, nargs="*", default=[],
-                        help="after training, measure the gated estimator again with each of these cv caps")
+    parser.add_argument("--gate-sweep", nargs="*", default=[], metavar="INCLUSION_MIN:CV_MAX",
+                        help="after training, measure the gated estimator again with each of these thresholds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gradient_variance.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,8 +128,8 @@ def main() -> None:
     result["variance_ratio_gated_to_ungated"] = result["gated_st"]["total_variance"] / result["ungated_st"]["total_variance"]
     result["variance_ratio_score_function_to_ungated"] = (result["score_function"]["total_variance"]
                                                           / result["ungated_st"]["total_variance"])
-    result["cv_max_sweep"] = [sweep_point(problem, mean_field, x, f, y, idx, args.repeats, cv, ungated_g)
-                              for cv in args.cv_max_sweep]
+    result["gate_sweep"] = [sweep_point(problem, mean_field, x, f, y, idx, args.repeats, *map(float, p.split(":")),
+                                        ungated_g) for p in args.gate_sweep]
     write_json(args.out, result)  # atomic, creates the folder
     print(json.dumps(result, indent=1))
 
