@@ -16,6 +16,8 @@ full: venv
 	.venv/bin/pyro-tvc benchmark --full --resume
 	.venv/bin/pyro-tvc benchmark --protocols target --methods metanet vtvc_gated vtvc_conditional_gated \
 		--targets mnist cifar10 dtd10 --seeds 1 2 3 --epochs 15 --out results/converged --resume
+	.venv/bin/pyro-tvc benchmark --protocols target --methods atlas metanet vtvc_gated --seeds 1 2 3 --epochs 15 \
+		--out results/converged_all --resume
 	cp artifacts/pyro-tvc-tiny/table.json benchmarks/results/prepare_table.json
 	.venv/bin/python scripts/update_readme.py
 
@@ -25,7 +27,8 @@ results: venv
 	.venv/bin/python benchmarks/svi_step.py --out benchmarks/results/svi_step.json
 	.venv/bin/python benchmarks/gradient_variance.py --out benchmarks/results/gradient_variance.json
 	.venv/bin/python benchmarks/gradient_variance.py --guide conditional_gated --rank 16 --train-epochs 15 \
-		--max-train 1000 --seed 1 --out benchmarks/results/gradient_variance_conditional_gated.json
+		--max-train 1000 --seed 1 --gate-sweep 0.9:0.25 0.7:0.25 0.5:0.25 0.7:1 0.5:1 0.5:4 \
+		--out benchmarks/results/gradient_variance_conditional_gated.json
 	.venv/bin/python benchmarks/lowrank_accuracy.py --out benchmarks/results/lowrank_accuracy.json
 	.venv/bin/python benchmarks/stream_memory.py --out benchmarks/results/stream_memory.json
 	cp artifacts/pyro-tvc-tiny/table.json benchmarks/results/prepare_table.json
