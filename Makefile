@@ -27,8 +27,11 @@ results: venv
 	.venv/bin/python benchmarks/svi_step.py --out benchmarks/results/svi_step.json
 	.venv/bin/python benchmarks/gradient_variance.py --out benchmarks/results/gradient_variance.json
 	.venv/bin/python benchmarks/gradient_variance.py --guide conditional_gated --rank 16 --train-epochs 15 \
-		--max-train 1000 --seed 1 --gate-sweep 0.9:0.25 0.7:0.25 0.5:0.25 0.7:1 0.5:1 0.5:4 \
-		--out benchmarks/results/gradient_variance_conditional_gated.json
+		--max-train 1000 --seed 1 --set gate.inclusion_min=0.9 --gate-sweep 0.9:0.25 0.7:0.25 0.5:0.25 0.7:1 0.5:1 \
+		0.5:4 --out benchmarks/results/gradient_variance_conditional_gated.json
+	.venv/bin/python benchmarks/gradient_variance.py --guide conditional_gated --rank 16 --train-epochs 15 \
+		--max-train 1000 --seed 1 --set gate.inclusion_min=0.7 --gate-sweep 0.9:0.25 0.7:0.25 0.5:0.25 0.7:1 0.5:1 \
+		0.5:4 --out benchmarks/results/gradient_variance_conditional_gated_inclusion07.json
 	.venv/bin/python benchmarks/lowrank_accuracy.py --out benchmarks/results/lowrank_accuracy.json
 	.venv/bin/python benchmarks/stream_memory.py --out benchmarks/results/stream_memory.json
 	cp artifacts/pyro-tvc-tiny/table.json benchmarks/results/prepare_table.json

@@ -2,6 +2,8 @@
 
     python benchmarks/gradient_variance.py --out benchmarks/results/gradient_variance.json
     python benchmarks/gradient_variance.py --guide conditional_gated --rank 16 --out OUT.json
+    python benchmarks/gradient_variance.py --guide conditional_gated --set gate.inclusion_min=0.7 \
+        --gate-sweep 0.9:0.25 0.7:0.25 0.5:0.25 --out OUT.json     # train with another gate; measure several
 
 A gated guide (``--guide``: any registered variant whose guide has a gate, e.g. ``gated``, ``hierarchical_gated``,
 ``conditional_gated``; trained at the variant's default KL weight unless ``--kl-weight`` is given) is first trained
@@ -14,8 +16,10 @@ surrogate gradient w.r.t. every trained parameter is drawn ``--repeats`` times:
 
 Reported per estimator: total variance ``E||g - mean(g)||^2`` (per repeat), and the mean gradient's cosine with,
 and relative distance to, the score-function mean; the gate's fractions pruned / reliable / sampled (reliable also
-among the unpruned). Ratios gated/ungated and the cosine between the gated and ungated mean gradients are the
-headline numbers (the acceptance of issue 11: variance <= 0.5x, cosine >= 0.95).
+among the unpruned), and the test accuracy of the trained guide. ``--gate-sweep INCLUSION_MIN:CV_MAX ...`` measures
+the gated estimator of the same trained guide again with each pair of thresholds. Ratios gated/ungated and the
+cosine between the gated and ungated mean gradients are the headline numbers (the acceptance of issue 11:
+variance <= 0.5x, cosine >= 0.95).
 """
 from __future__ import annotations
 
@@ -30,9 +34,9 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 sys.path.insert(0, str(Path(__file__).parent))
 from common import artefact_args  # noqa: E402
 
-from pyro_tvc.infer import TrainConfig, build_problem, fit, ungated  # noqa: E402
+from pyro_tvc.infer import TrainConfig, build_problem, evaluate, fit, ungated  # noqa: E402
 from pyro_tvc.runtime import seed_everything, write_json  # noqa: E402
-from variants import parse_set  # noqa: E402
+from variants import apply_set, parse_set  # noqa: E402
 
 from pyro_tvc.guides.gated import gate_statistics  # noqa: E402
 
@@ -98,8 +102,7 @@ def main() -> None:
     cfg = TrainConfig(artifacts=args.artifacts, target=args.target, out=Path("runs/_gradient_variance"),
                       guide=args.guide, epochs=args.train_epochs, max_train=args.max_train, lr=args.lr,
                       kl_weight=args.kl_weight, rank=args.rank or None, eval_samples=2, quiet=True, device="cpu")
-    for name, value in parse_set(args.set).items():
-        setattr(cfg, name, value)
+    apply_set(cfg, parse_set(args.set))
     problem = build_problem(cfg)
     if getattr(problem.guide, "gate", None) is None:
         raise ValueError(f"--guide {args.guide!r} has no gate; choose a gated variant")
@@ -118,7 +121,8 @@ def main() -> None:
     result = {
         "guide": args.guide, "target": args.target, "batch": len(y), "repeats": args.repeats,
         "kl_weight": cfg.kl_weight, "train_epochs": args.train_epochs, "max_train": args.max_train,
-        "rank": args.rank or None, **gate_statistics(problem.guide, f),
+        "rank": args.rank or None, "set": args.set, **gate_statistics(problem.guide, f),
+        "test": evaluate(problem, "test"),  # what the thresholds cost in accuracy (one seed)
         "ungated_st": summary(ungated_g, reference), "gated_st": summary(gated_g, reference),
         "score_function": summary(sf_g, reference),
     }

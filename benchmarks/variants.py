@@ -48,6 +48,22 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def apply_set(cfg, extra: dict) -> None:
+    """Set training-config fields from ``--set``; ``gate.inclusion_min=0.7`` sets a field of a nested config.
+
+    Raises:
+        ValueError: an unknown field.
+    """
+    for name, value in extra.items():
+        *outer, field = name.split(".")
+        target = cfg
+        for part in outer:
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, field):
+            raise ValueError(f"--set {name}: no such training-config field")
+        setattr(target, field, value)
+
+
 def run_one(args, guide_name: str, target: str, seed: int, extra: dict) -> dict:
     seed_everything(seed)
     pyro.clear_param_store()
@@ -55,8 +71,7 @@ def run_one(args, guide_name: str, target: str, seed: int, extra: dict) -> dict:
                       guide=guide_name, tasks=args.tasks, epochs=args.epochs, lr=args.lr, rank=args.rank or None,
                       kl_weight=args.kl_weight, eval_samples=args.eval_samples, max_train=args.max_train, seed=seed,
                       quiet=True, device="cpu")
-    for name, value in extra.items():
-        setattr(cfg, name, value)
+    apply_set(cfg, extra)
     problem = build_problem(cfg)
     # v2 guides bring their model (the conditional prior network is shared by model and guide): guides/conditional.py
     problem.model = getattr(problem.guide, "model", problem.model)

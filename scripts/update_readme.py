@@ -148,15 +148,33 @@ def converged_section() -> list[str]:
                      f"{fmt(cg['gate_reliable_among_included']['mean'])} % of the included coefficients "
                      f"reliable (target >= 25 %); the label moves the posterior by "
                      f"KL(q(.|x,y) || p(.|x)) = {fmt(cg['kl_q_p_per_input']['mean'], 4)} nats per input.")
-    gv = load("benchmarks/results/gradient_variance_conditional_gated.json")
-    if gv:
-        parts.append(f"* its gradient (`benchmarks/results/gradient_variance_conditional_gated.json`, mnist, "
-                     f"{gv['train_epochs']} epochs): gated / ungated total variance "
-                     f"{fmt(gv['variance_ratio_gated_to_ungated'], 2)} (target <= 0.5), cosine of the mean gradients "
-                     f"{fmt(gv['cosine_gated_to_ungated_mean'], 3)} (target >= 0.95); reliable among included "
-                     f"{fmt(100 * (gv.get('gate_reliable_among_included') or 0))} %.")
+    for name in ("gradient_variance_conditional_gated", "gradient_variance_conditional_gated_inclusion07"):
+        gv = load(f"benchmarks/results/{name}.json")
+        if gv:
+            parts.append(gate_line(name, gv))
     parts.append("")
     return parts
+
+
+def gate_line(name: str, gv: dict) -> str:
+    """The gate's gradient measures of one gradient_variance.py run, and its threshold sweep."""
+    trained = next((x.split("=", 1)[1] for x in gv.get("set", []) if x.startswith("gate.inclusion_min=")), "0.9")
+    test = gv.get("test", {})
+    line = (f"* its gradient (`benchmarks/results/{name}.json`, mnist, seed 1, {gv['train_epochs']} epochs, trained "
+            f"with inclusion_min {trained}): gated / ungated total variance "
+            f"{fmt(gv['variance_ratio_gated_to_ungated'], 2)} (target <= 0.5), cosine of the mean gradients "
+            f"{fmt(gv['cosine_gated_to_ungated_mean'], 3)} (target >= 0.95), reliable among included "
+            f"{fmt(100 * (gv.get('gate_reliable_among_included') or 0))} % (target >= 25 %)")
+    if test:
+        line += (f"; test accuracy {fmt(test.get('gated_accuracy'))} % one model per input, "
+                 f"{fmt(test.get('mc_accuracy'))} % MC")
+    sweep = [f"{p['inclusion_min']:g}/{p['cv_max']:g}: {p['variance_ratio_gated_to_ungated']:.2f}, "
+             f"{p['cosine_gated_to_ungated_mean']:.3f}, {100 * (p['gate_reliable_among_included'] or 0):.0f} %"
+             for p in gv.get("gate_sweep", [])]
+    if sweep:
+        line += (". The same trained guide measured with other thresholds (inclusion_min/cv_max: variance ratio, "
+                 "cosine, reliable among included): " + "; ".join(sweep))
+    return line + "."
 
 
 def converged_all_section() -> list[str]:
