@@ -169,7 +169,7 @@ def load_bank(paths: ArtifactPaths, tasks: list[str], theta0_sha256: str | None 
 def artefact_identity(path: Path) -> str | None:
     """What a result computed from the head or task vector at ``path`` depends on (a benchmark cell's cache key).
 
-    The sha256 of the recipe it records (equal recipes make equal artefacts, on any machine), or of the file itself
+    The sha256 of the recipe it records (equal recipes make the same artefact up to float noise), or of the file itself
     when it records none or only ``{"kind": "import"}`` (an imported vector: the recipe says nothing about which);
     None when there is no file.
     """
