@@ -166,7 +166,7 @@ def gate_line(name: str, gv: dict) -> str:
             f"{fmt(gv['cosine_gated_to_ungated_mean'], 3)} (target >= 0.95), reliable among included "
             f"{fmt(100 * (gv.get('gate_reliable_among_included') or 0))} % (target >= 25 %)")
     if test:
-        line += (f"; test accuracy {fmt(test.get('gated_accuracy'))} % one model per input, "
+        line += (f"; test accuracy {fmt(test.get('single_model_accuracy'))} % one model per input, "
                  f"{fmt(test.get('mc_accuracy'))} % MC")
     sweep = [f"{p['inclusion_min']:g}/{p['cv_max']:g}: {p['variance_ratio_gated_to_ungated']:.2f}, "
              f"{p['cosine_gated_to_ungated_mean']:.3f}, {100 * (p['gate_reliable_among_included'] or 0):.0f} %"
