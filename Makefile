@@ -16,8 +16,8 @@ full: venv
 	.venv/bin/pyro-tvc benchmark --full --resume
 	.venv/bin/pyro-tvc benchmark --protocols target --methods metanet vtvc_gated vtvc_conditional_gated \
 		--targets mnist cifar10 dtd10 --seeds 1 2 3 --epochs 15 --out results/converged --resume
-	.venv/bin/pyro-tvc benchmark --protocols target --methods atlas metanet vtvc_gated --seeds 1 2 3 --epochs 15 \
-		--out results/converged_all --resume
+	.venv/bin/pyro-tvc benchmark --protocols target --methods atlas metanet task_level_vi vtvc_gated vtvc_ungated \
+		--seeds 1 2 3 --epochs 15 --out results/converged_all --resume
 	cp artifacts/pyro-tvc-tiny/table.json benchmarks/results/prepare_table.json
 	.venv/bin/python scripts/update_readme.py
 
