@@ -52,6 +52,11 @@ def claim(summary: dict, a: str, b: str, what: str) -> str:
             f"paired difference {mean:+.1f} ± {sd:.1f} points over {n} seeds.")
 
 
+def claims(summary: dict, pairs: list[tuple[str, str, str]]) -> list[str]:
+    """One :func:`claim` line per ``(a, b, what)``."""
+    return [claim(summary, a, b, what) for a, b, what in pairs]
+
+
 def benchmark_section() -> list[str]:
     res = load("results/results.json")
     if not res:
@@ -191,14 +196,14 @@ def converged_all_section() -> list[str]:
             f"{cfg['epochs']} --out results/converged_all`; the best validation epoch was before the last in {early} "
             f"of {len(epochs)} per-sample cells):\n", table.replace("](", "](results/converged_all/"),
             "**The paper's main claims at convergence** (paired over seeds, from `results/converged_all/results.json`):\n",
-            claim(t, "vtvc_gated:single", "atlas:single", "VTVC (gated, one model per input) > aTLAS"),
-            claim(t, "vtvc_gated:mc", "atlas:single", "VTVC (gated, MC average) > aTLAS"),
-            claim(t, "vtvc_gated:single", "metanet:single", "VTVC (gated) vs the deterministic meta-net"),
-            claim(t, "metanet:single", "atlas:single", "per-input (meta-net) > task-level (aTLAS) composition"),
-            claim(t, "vtvc_gated:single", "vtvc_ungated:single", "gating helps (single model per input)"),
-            claim(t, "vtvc_gated:mc", "vtvc_ungated:mc", "gating helps (MC average)"),
-            claim(t, "vtvc_gated:single", "task_level_vi:single", "per-input VTVC > task-level variational composition"),
-            ""]
+            *claims(t, [("vtvc_gated:single", "atlas:single", "VTVC (gated, one model per input) > aTLAS"),
+                        ("vtvc_gated:mc", "atlas:single", "VTVC (gated, MC average) > aTLAS"),
+                        ("vtvc_gated:single", "metanet:single", "VTVC (gated) vs the deterministic meta-net"),
+                        ("metanet:single", "atlas:single", "per-input (meta-net) > task-level (aTLAS) composition"),
+                        ("vtvc_gated:single", "vtvc_ungated:single", "gating helps (single model per input)"),
+                        ("vtvc_gated:mc", "vtvc_ungated:mc", "gating helps (MC average)"),
+                        ("vtvc_gated:single", "task_level_vi:single",
+                         "per-input VTVC > task-level variational composition")]), ""]
 
 
 def text_section() -> list[str]:
@@ -225,10 +230,10 @@ def text_section() -> list[str]:
                   f"...`, seeds {cfg['seeds']}, {cfg['epochs']} epochs, at most {cfg['max_train']} training texts "
                   f"per target; scores: accuracy, MCC for CoLA, F1 for MRPC):\n", table.replace("](", "](results/text/"),
                   "**On text** (paired over seeds, from `results/text/results.json`):\n",
-                  claim(t, "vtvc_gated:single", "atlas:single", "VTVC (gated) > aTLAS"),
-                  claim(t, "vtvc_gated:single", "task_arithmetic:single", "VTVC (gated) > Task Arithmetic"),
-                  claim(t, "vtvc_gated:single", "metanet:single", "VTVC (gated) vs the meta-net"),
-                  claim(t, "atlas:single", "zero_shot:single", "aTLAS > the frozen probe (zero-shot row)"), ""]
+                  *claims(t, [("vtvc_gated:single", "atlas:single", "VTVC (gated) > aTLAS"),
+                              ("vtvc_gated:single", "task_arithmetic:single", "VTVC (gated) > Task Arithmetic"),
+                              ("vtvc_gated:single", "metanet:single", "VTVC (gated) vs the meta-net"),
+                              ("atlas:single", "zero_shot:single", "aTLAS > the frozen probe (zero-shot row)")]), ""]
     return parts
 
 
