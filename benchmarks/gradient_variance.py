@@ -58,19 +58,29 @@ def summary(g: torch.Tensor, reference_mean: torch.Tensor) -> dict:
             "relative_distance_to_reference": ((mean - reference_mean).norm() / reference_mean.norm()).item()}
 
 
+def threshold_pair(text: str) -> tuple[float, float]:
+    """``"0.7:0.25"`` -> ``(inclusion_min, cv_max)``; inclusion_min in (0, 1), cv_max > 0."""
+    try:
+        inclusion_min, cv_max = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected INCLUSION_MIN:CV_MAX, e.g. 0.7:0.25") from None
+    if not (0 < inclusion_min < 1 and cv_max > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected inclusion_min in (0, 1) and cv_max > 0")
+    return inclusion_min, cv_max
+
+
 def sweep_point(problem, elbo, x, f, y, idx, repeats: int, inclusion_min: float, cv_max: float,
                 ungated_g: torch.Tensor) -> dict:
-    """The gated estimator of the trained guide with other reliability thresholds (the gate is an estimator
-    option: the parameters stay those trained with the default thresholds)."""
-    gate = problem.guide.gate
-    default = (gate.inclusion_min, gate.cv_max)
-    gate.inclusion_min, gate.cv_max = inclusion_min, cv_max
-    problem.guide.estimator = "straight_through"
+    """The gated straight-through estimator of the trained guide with other reliability thresholds (the gate is an
+    estimator option: the parameters stay those trained with the run's own thresholds)."""
+    gate, guide = problem.guide.gate, problem.guide
+    trained = (gate.inclusion_min, gate.cv_max, guide.estimator)
+    gate.inclusion_min, gate.cv_max, guide.estimator = inclusion_min, cv_max, "straight_through"
     try:
         g = gradients(problem, elbo, x, f, y, idx, repeats)
-        stats = gate_statistics(problem.guide, f)
+        stats = gate_statistics(guide, f)
     finally:
-        gate.inclusion_min, gate.cv_max = default
+        gate.inclusion_min, gate.cv_max, guide.estimator = trained
     variance = lambda t: (t - t.mean(0)).pow(2).sum(1).mean().item()  # noqa: E731
     return {"inclusion_min": inclusion_min, "cv_max": cv_max,
             "variance_ratio_gated_to_ungated": variance(g) / variance(ungated_g),
@@ -93,7 +103,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="training-config fields")
-    parser.add_argument("--gate-sweep", nargs="*", default=[], metavar="INCLUSION_MIN:CV_MAX",
+    parser.add_argument("--gate-sweep", nargs="*", default=[], metavar="INCLUSION_MIN:CV_MAX", type=threshold_pair,
                         help="after training, measure the gated estimator again with each of these thresholds")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gradient_variance.json"))
     args = parser.parse_args()
@@ -132,8 +142,8 @@ def main() -> None:
     result["variance_ratio_gated_to_ungated"] = result["gated_st"]["total_variance"] / result["ungated_st"]["total_variance"]
     result["variance_ratio_score_function_to_ungated"] = (result["score_function"]["total_variance"]
                                                           / result["ungated_st"]["total_variance"])
-    result["gate_sweep"] = [sweep_point(problem, mean_field, x, f, y, idx, args.repeats, *map(float, p.split(":")),
-                                        ungated_g) for p in args.gate_sweep]
+    result["gate_sweep"] = [sweep_point(problem, mean_field, x, f, y, idx, args.repeats, *pair, ungated_g)
+                            for pair in args.gate_sweep]
     write_json(args.out, result)  # atomic, creates the folder
     print(json.dumps(result, indent=1))
 

@@ -18,6 +18,7 @@ model the learned deviation scale.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -55,13 +56,16 @@ def apply_set(cfg, extra: dict) -> None:
         ValueError: an unknown field.
     """
     for name, value in extra.items():
-        *outer, field = name.split(".")
+        *outer, last = name.split(".")
         target = cfg
-        for part in outer:
-            target = getattr(target, part, None)
-        if target is None or not hasattr(target, field):
-            raise ValueError(f"--set {name}: no such training-config field")
-        setattr(target, field, value)
+        for part in [*outer, last]:
+            if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+                raise ValueError(f"--set {name}: no such training-config field")
+            if part != last:
+                target = getattr(target, part)
+        if dataclasses.is_dataclass(getattr(target, last)):
+            raise ValueError(f"--set {name}: a group of options; set its fields ({name}.FIELD=VALUE)")
+        setattr(target, last, value)
 
 
 def run_one(args, guide_name: str, target: str, seed: int, extra: dict) -> dict:

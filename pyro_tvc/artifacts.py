@@ -119,6 +119,21 @@ def head_classes(path: Path) -> list[str]:
     return json.loads(_checked_metadata(path, HEAD_FORMAT, "head")["classes"])
 
 
+def check_head_classes(paths: ArtifactPaths, name: str, classes: list[str], spec: str, prepare: str) -> None:
+    """Refuse your own task ``spec`` (registered as ``name``) when its prepared head was built for other classes: the
+    folder changed after ``prepare`` and its labels no longer index the head's rows. No head file: nothing to check.
+
+    Raises:
+        ValueError: the class lists differ (one line naming both and the ``prepare`` command to re-run).
+    """
+    if not paths.head(name).is_file():
+        return
+    prepared = head_classes(paths.head(name))
+    if classes != prepared:
+        raise ValueError(f"{spec}: its classes ({len(classes)}: {classes[:4]}) differ from those its head was prepared "
+                         f"for ({len(prepared)}: {prepared[:4]}); re-run `{prepare} --tasks {spec} --out {paths.root}`")
+
+
 def load_head(path: Path, device="cpu") -> tuple[ZeroShotHead, list[str]]:
     meta = _checked_metadata(path, HEAD_FORMAT, "head")
     weight = load_file(str(path))["weight"].to(device)
@@ -179,7 +194,7 @@ def artefact_identity(path: Path) -> str | None:
     if not path.is_file():
         return None
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)  # a rewritten file is read again
+    key = (str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)  # rewritten: read again
     if key not in _IDENTITIES:
         with safe_open(str(path), "pt") as f:
             recipe = stored_recipe(f.metadata() or {})

@@ -163,9 +163,9 @@ def test_evaluate_fit_records_calibration_and_auroc_against_hand_computation():
     assert got["nll"] == pytest.approx(-sum(math.log(probs[i, labels[i]]) for i in range(6)) / 6)
     assert got["accuracy"] == pytest.approx(100 * (1 - sum(wrong) / 6))
     assert "mcc" not in got  # no paper metric unless the workspace names one (an image task may be called cola)
-    for paper in ({}, {"t": "mcc"}):
-        rows = evaluate_fit("target", "hand", 1, FitResult({"single": Fixed()}), test, ["t"], paper_metrics=paper)
-        got = {r["metric"]: r["value"] for r in rows if r["task"] == "t"}
+    for paper in ({}, {"cola": "mcc"}):  # an image folder may be called cola: only the workspace decides
+        rows = evaluate_fit("target", "hand", 1, FitResult({"single": Fixed()}), test, ["cola"], paper_metrics=paper)
+        got = {r["metric"]: r["value"] for r in rows if r["task"] == "cola"}
         if paper:  # binary MCC is the Pearson correlation of the 0/1 predictions and labels
             expected = np.corrcoef(probs.argmax(1).numpy(), labels.numpy())[0, 1]
             assert got["mcc"] == pytest.approx(100 * expected)
@@ -211,9 +211,10 @@ def test_protocol_table_cells_from_hand_made_records():
     assert table.splitlines()[0].startswith("| method | mrpc (F1) | cola | average")
 
 
-def test_cell_key_follows_the_artefacts_the_cell_reads(tmp_path):
-    """A hand-made artefact folder: the key moves exactly when a head or vector the cell reads changes recipe (or,
-    recording none, content), or when one more prepared vector joins the default pool."""
+def test_cell_key_follows_what_the_cell_reads(tmp_path):
+    """A hand-made artefact folder and workspace: each protocol's key moves exactly when something its cells read
+    changes (a head's or vector's recipe, an unrecorded vector's content, your own task's files, addition's fine-tuned
+    accuracy, one more prepared vector in the default pool) and stays put otherwise."""
     import types
 
     import torch
@@ -223,47 +224,49 @@ def test_cell_key_follows_the_artefacts_the_cell_reads(tmp_path):
     from pyro_tvc.experiments.config import BenchmarkConfig
     from pyro_tvc.experiments.runner import cell_key
 
-    paths = ArtifactPaths(tmp_path)
-    (tmp_path / "heads").mkdir()
-    (tmp_path / "task_vectors").mkdir()
+    paths = ArtifactPaths(tmp_path / "artifacts")
+    (paths.root / "heads").mkdir(parents=True)
+    (paths.root / "task_vectors").mkdir()
 
     def write(path, value, recipe):
         meta = {} if recipe is None else {"recipe": json.dumps(recipe)}
         save_file({"w": torch.full((2,), float(value))}, str(path), metadata=meta)
 
-    for t in ("a", "b", "c", "d"):
+    for t in "abcd":
         write(paths.head(t), 0, {"head": t})
-    for t in ("a", "b", "c"):
+    for t in "abc":
         write(paths.task_vector(t), 0, {"vector": t})
+    mine = tmp_path / "my_task"  # task c's data is your own folder
+    mine.mkdir()
+    (mine / "x.txt").write_text("1")
+    finetuned = {"a": 90.0, "b": 80.0, "c": 70.0}
     ws = types.SimpleNamespace(paths=paths, with_vectors=["a", "b", "c"], with_heads=["a", "b", "c", "d"],
-                               theta0_sha256="t0", custom={})
-    cfg = BenchmarkConfig(negation_control="d")
-    target, negation = ("target", "atlas", "a", 1), ("negation", "atlas", "a", 1)
-    keys = lambda c=cfg: (cell_key(c, ws, target), cell_key(c, ws, negation))  # noqa: E731
-    k0 = keys()
-    write(paths.task_vector("b"), 5, {"vector": "b"})  # same recipe, new bytes: recipe-keyed, the same cell
-    assert keys() == k0
-    write(paths.task_vector("b"), 0, {"vector": "b", "steps": 300})  # re-prepared with another recipe
-    k1 = keys()
-    assert k1[0] != k0[0] and k1[1] != k0[1]
-    write(paths.head("d"), 0, {"head": "d", "templates": 2})  # only negation's control reads d's head
-    k2 = keys()
-    assert k2[0] == k1[0] and k2[1] != k1[1]
-    write(paths.task_vector("c"), 1, None)  # no recipe recorded: its content is the identity
-    k3 = keys()
-    write(paths.task_vector("c"), 2, None)
-    assert keys()[0] != k3[0]
-    pooled = BenchmarkConfig(negation_control="d", pool=["b"])
-    kp, k4 = keys(pooled), keys()
-    write(paths.task_vector("e"), 0, {"vector": "e"})  # one more prepared task joins the default pool only
-    ws.with_vectors.append("e")
-    assert keys(pooled) == kp and keys()[0] != k4[0]
-    kb = keys(pooled)
-    write(paths.head("b"), 0, {"head": "b", "classes": 3})  # b is in the pool: its head is read
-    kc = keys(pooled)
-    assert kc[0] != kb[0]
-    write(paths.head("c"), 0, {"head": "c", "classes": 3})  # c is neither pool, target nor control
-    write(paths.task_vector("c"), 3, None)
-    assert keys(pooled) == kc
-    write(paths.task_vector("a"), 0, {"vector": "a", "steps": 300})  # negation reads its target's vector
-    assert keys(pooled)[1] != kc[1]
+                               theta0_sha256="t0", custom={"c": str(mine)}, finetuned_accuracy=finetuned.get)
+    cells = {"target": ("target", "atlas", "a", 1), "negation": ("negation", "atlas", "a", 1),
+             "addition": ("addition", "atlas", "ALL", 1)}
+
+    def changed(step, cfg=BenchmarkConfig(negation_control="d")) -> set[str]:
+        before = {k: cell_key(cfg, ws, c) for k, c in cells.items()}
+        step()
+        return {k for k, c in cells.items() if cell_key(cfg, ws, c) != before[k]}
+
+    assert changed(lambda: write(paths.task_vector("b"), 5, {"vector": "b"})) == set()  # same recipe, new bytes
+    assert changed(lambda: write(paths.task_vector("b"), 0, {"vector": "b", "steps": 300})) == {"target", "addition"}
+    assert changed(lambda: write(paths.head("d"), 0, {"head": "d", "n": 2})) == {"negation"}  # the control's head
+    assert changed(lambda: write(paths.head("b"), 0, {"head": "b", "n": 2})) == {"addition"}  # target reads a's only
+    assert changed(lambda: write(paths.head("a"), 0, {"head": "a", "n": 2})) == set(cells)
+    assert changed(lambda: write(paths.task_vector("a"), 0, {"vector": "a", "n": 2})) == set(cells)  # own vector
+    write(paths.task_vector("c"), 1, None)
+    assert changed(lambda: write(paths.task_vector("c"), 2, None)) == {"target", "addition"}  # content, no recipe
+    assert changed(lambda: (mine / "x.txt").write_text("22")) == {"addition"}  # c's data: addition reads it
+    assert changed(lambda: finetuned.update(b=81.0)) == {"addition"}  # the normalised accuracy's denominator
+
+    def one_more_vector():
+        write(paths.task_vector("e"), 0, {"vector": "e"})
+        ws.with_vectors.append("e")
+        ws.with_heads.append("e")
+        write(paths.head("e"), 0, {"head": "e"})
+
+    pooled = BenchmarkConfig(negation_control="d", pool=["a", "b"])
+    assert changed(lambda: write(paths.task_vector("c"), 3, None), pooled) == set()  # outside an explicit pool
+    assert changed(one_more_vector) == {"target", "addition"}  # joins the default pool only

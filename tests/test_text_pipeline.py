@@ -178,8 +178,13 @@ def test_your_own_text_task_by_folder_through_prepare_and_benchmark(text_prepare
     assert main(["benchmark", "--artifacts", str(out), "--out", str(again), "--protocols", "target", "--targets",
                  str(mine), "--methods", "zero_shot", "--seeds", "1", "--quiet", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "classes.txt lists 7 classes" in err[0] and "re-run `pyro-tvc prepare" in err[0]
-    assert not again.exists()
+    assert len(err) == 1 and "(7: " in err[0] and "prepared for (6: " in err[0], err
+    assert "re-run `pyro-tvc prepare --modality text" in err[0] and not again.exists()
+    # the same folder as a task of addition's pool (never registered as a target) is refused too
+    code = main(["benchmark", "--artifacts", str(out), "--out", str(tmp_path / "bench3"), "--protocols", "addition",
+                 "--methods", "zero_shot", "--seeds", "1", "--quiet", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "prepared for (6: " in err[0], err
 
 
 def test_glue_metrics_against_hand_counts():

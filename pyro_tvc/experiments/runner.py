@@ -64,33 +64,33 @@ def _plan(cfg: BenchmarkConfig, ws) -> list[tuple[str, str, str, int]]:
     return cells
 
 
-def cell_artefacts(cfg: BenchmarkConfig, ws, cell: tuple) -> dict:
-    """``{"heads": {task: identity}, "vectors": {task: identity}}`` of every artefact the cell can read: the pool's
-    vectors (all prepared ones by default, so preparing one more task invalidates the cells it would join) and the
-    target's, and the heads of those, of the target and of negation's control
-    (:func:`pyro_tvc.artifacts.artefact_identity`)."""
+def cell_reads(cfg: BenchmarkConfig, ws, cell: tuple) -> dict:
+    """The identities of what the cell reads (its protocol's ``reads``): heads and task vectors by
+    :func:`pyro_tvc.artifacts.artefact_identity`, your own tasks' data by content, real data sets by root, and task
+    addition's fine-tuned accuracies. With the default pool, one more prepared vector joins the cells that use it."""
     protocol, _, target, _ = cell
-    vectors = set(cfg.pool or ws.with_vectors) | ({target} & set(ws.with_vectors))
-    heads = vectors | ({target} - {ALL_TASKS})
-    if protocol == "negation":
-        heads.add(get_protocol("negation").control_for(target, cfg.negation_control, ws.with_heads))
-    return {"heads": {t: artefact_identity(ws.paths.head(t)) for t in sorted(heads)},
-            "vectors": {t: artefact_identity(ws.paths.task_vector(t)) for t in sorted(vectors)}}
+    r = get_protocol(protocol).reads(ws, target, cfg)
+    spec = {"heads": {t: artefact_identity(ws.paths.head(t)) for t in sorted(set(r.heads))},
+            "vectors": {t: artefact_identity(ws.paths.task_vector(t)) for t in sorted(set(r.vectors))}}
+    custom = sorted(t for t in set(r.data) if t in ws.custom)
+    if custom:  # your own tasks: their content, not only their names
+        spec["data"] = {t: custom_data_identity(ws.custom[t]) for t in custom}
+    real = [t for t in set(r.data) | set(r.vectors) if t not in EMBEDDED_TASKS and t not in ws.custom]
+    if cfg.data_root is not None and real:  # real sets: where they are read from
+        spec["data_root"] = str(Path(cfg.data_root).expanduser().resolve())
+    if r.finetuned:
+        spec["finetuned"] = {t: ws.finetuned_accuracy(t) for t in sorted(set(r.finetuned))}
+    return spec
 
 
 def cell_key(cfg: BenchmarkConfig, ws, cell: tuple) -> str:
     """``<protocol>-<method>-<target>-s<seed>-<digest>``: the digest covers the cell, every option that shapes it,
-    theta_0 and the heads and vectors it reads (a re-prepared artefact makes a new key, never a stale hit)."""
+    theta_0 and what the cell reads (:func:`cell_reads`): a re-prepared artefact or an edited folder makes a new key,
+    never a stale hit."""
     protocol, method, target, seed = cell
     spec = {"cell": list(cell), "method_config": jsonable(cfg.method_config()), "shots": cfg.shots,
             "pool": cfg.pool, "negation_control": cfg.negation_control, "selection": cfg.selection_per_task,
-            "theta0": ws.theta0_sha256, "artefacts": cell_artefacts(cfg, ws, cell), "version": 2}
-    if target in ws.custom:  # your own task: its content, not only its name
-        spec["data"] = custom_data_identity(ws.custom[target])
-    real = [t for t in ([target] + list(cfg.pool or ws.with_vectors)) if t not in EMBEDDED_TASKS and t not in ws.custom
-            and t != ALL_TASKS]
-    if cfg.data_root is not None and real:  # real sets: where they are read from (embedded-only cells keep their key)
-        spec["data_root"] = str(Path(cfg.data_root).expanduser().resolve())
+            "theta0": ws.theta0_sha256, "reads": cell_reads(cfg, ws, cell), "version": 3}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     return f"{protocol}-{method}-{target}-s{seed}-{digest}"
 
@@ -112,6 +112,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
     device = distributed.local_device(resolve_device(cfg.device))
     ws = open_workspace(cfg.artifacts, device, quiet=cfg.quiet, data_root=cfg.data_root)
     cells = plan(cfg, ws)  # every check before anything is written
+    keys = [cell_key(cfg, ws, cell) for cell in cells]  # reads every artefact's identity: a broken file fails here
     rank, size = distributed.world(device)  # under torchrun the ranks share the cells; rank 0 reports
     out = Path(cfg.out)
     if rank == 0:
@@ -126,7 +127,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> dict:
         (out / "cells").mkdir(exist_ok=True)
     distributed.barrier()
     t0 = time.perf_counter()
-    paths = [out / "cells" / f"{cell_key(cfg, ws, cell)}.json" for cell in cells]
+    paths = [out / "cells" / f"{key}.json" for key in keys]
     mine = [(c, p) for i, (c, p) in enumerate(zip(cells, paths)) if i % size == rank and not p.is_file()]
     bar = progress(mine, quiet=cfg.quiet or rank != 0, desc="benchmark cells")
     for cell, path in ([] if cfg.report_only else bar):

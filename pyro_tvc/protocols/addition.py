@@ -5,7 +5,7 @@ the train splits, which no method learns from in this protocol."""
 from __future__ import annotations
 
 from pyro_tvc.methods.base import MethodContext, TaskData
-from pyro_tvc.protocols.common import evaluate_fit, record
+from pyro_tvc.protocols.common import Reads, evaluate_fit, record
 from pyro_tvc.protocols.workspace import Workspace, selection_subset, unlabeled
 from pyro_tvc.runtime import seed_everything
 
@@ -18,6 +18,12 @@ def tasks_for(ws: Workspace, pool: list[str] | None) -> list[str]:
     if len(tasks) < 2:
         raise ValueError(f"task addition needs at least 2 tasks with prepared vectors, got {tasks}")
     return tasks
+
+
+def reads(ws: Workspace, target: str, cfg) -> Reads:
+    """Every task's vector, head and data, and its fine-tuned accuracy (the normalised score's denominator)."""
+    tasks = tasks_for(ws, cfg.pool)
+    return Reads(vectors=tasks, heads=tasks, data=tasks, finetuned=tasks)
 
 
 def applicable(ws: Workspace, method, target: str) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -16,6 +17,17 @@ from pyro_tvc.text.metrics import score as paper_score
 LEARNED_METRICS = ("true_elbo_per_datum", "gate_fraction_pruned", "gate_fraction_reliable", "gate_fraction_sampled",
                    "gate_fraction_included",
                    "gate_reliable_among_included", "kl_q_p_per_input", "selected_epoch")
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What one cell of a protocol reads besides theta_0: the task vectors, the heads and the tasks' data (and, for
+    task addition, the prepared fine-tuned accuracies). The benchmark's cache key covers exactly these."""
+
+    vectors: list[str]
+    heads: list[str]
+    data: list[str]
+    finetuned: list[str] = field(default_factory=list)
 
 
 def record(protocol, method, prediction, task, seed, metric, value) -> dict:

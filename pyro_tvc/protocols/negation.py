@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pyro_tvc.methods.base import MethodContext, TaskData, per_task_accuracy
 from pyro_tvc.methods.zero_shot import fit as zero_shot_fit
-from pyro_tvc.protocols.common import evaluate_fit, record
+from pyro_tvc.protocols.common import Reads, evaluate_fit, record
 from pyro_tvc.protocols.workspace import Workspace, selection_subset, unlabeled
 from pyro_tvc.runtime import seed_everything
 
@@ -31,6 +31,12 @@ def control_for(target: str, control: str, with_heads: list[str]) -> str:
         raise ValueError(f"negation control {control!r} has no prepared head (prepared: {', '.join(with_heads)}); "
                          f"choose one with --negation-control")
     return control
+
+
+def reads(ws: Workspace, target: str, cfg) -> Reads:
+    """The target's vector (negated), the heads and data of the target and its control."""
+    control = control_for(target, cfg.negation_control, ws.with_heads)
+    return Reads(vectors=[target], heads=[target, control], data=[target, control])
 
 
 def applicable(ws: Workspace, method, target: str) -> bool:

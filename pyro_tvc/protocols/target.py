@@ -5,7 +5,7 @@ vector serves only the fine-tuned upper bound)."""
 from __future__ import annotations
 
 from pyro_tvc.methods.base import MethodContext
-from pyro_tvc.protocols.common import evaluate_fit
+from pyro_tvc.protocols.common import Reads, evaluate_fit
 from pyro_tvc.protocols.workspace import Workspace, unlabeled
 from pyro_tvc.runtime import seed_everything
 
@@ -18,6 +18,12 @@ def pool_for(ws: Workspace, target: str, pool: list[str] | None) -> list[str]:
         raise ValueError(f"target {target!r}: the task pool is empty (prepared vectors: "
                          f"{', '.join(ws.with_vectors) or 'none'})")
     return tasks
+
+
+def reads(ws: Workspace, target: str, cfg) -> Reads:
+    """The pool's vectors and the target's own (the fine-tuned bound), the target's head and data."""
+    own = [target] if target in ws.with_vectors else []
+    return Reads(vectors=pool_for(ws, target, cfg.pool) + own, heads=[target], data=[target])
 
 
 def applicable(ws: Workspace, method, target: str) -> bool:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pyro_tvc.artifacts import ArtifactPaths, load_bank, load_clip, load_head, target_head, vector_metadata
+from pyro_tvc.artifacts import (ArtifactPaths, check_head_classes, load_bank, load_clip, load_head, target_head,
+                                vector_metadata)
 from pyro_tvc.backbones import image_encoder, input_size
 from pyro_tvc.data import EMBEDDED_TASKS
 from pyro_tvc.data.custom import is_task_path, task_name
@@ -95,6 +96,8 @@ class Workspace:
         if key not in self._data:
             target = load_target(self.custom.get(task, task), seed, shots, max_train, input_size(self.encoder),
                                  data_root=self.data_root, transform=real_transform(self.encoder, self.data_root))
+            if task in self.custom:  # a pool task or control by path (a registered target was checked already)
+                check_head_classes(self.paths, task, target.classes, self.custom[task], "pyro-tvc prepare")
             encoded = encode_target(self.encoder, target.splits, self.theta0_sha256, self.paths.root / "features",
                                     self.device)
             self._data[key] = {name: TaskData(x, f, y, torch.zeros_like(y)) for name, (x, f, y) in encoded.items()}

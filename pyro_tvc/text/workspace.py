@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pyro_tvc.artifacts import ArtifactPaths, head_classes, load_bank, load_head, vector_metadata
+from pyro_tvc.artifacts import ArtifactPaths, check_head_classes, load_bank, load_head, vector_metadata
 from pyro_tvc.data.text import TEXT_TASKS, is_text_task_path, load_text_task, text_task_classes, text_task_name
 from pyro_tvc.recipes import stored_recipe
 from pyro_tvc.heads import MultiHead
@@ -22,6 +22,9 @@ from pyro_tvc.runtime import read_json
 from pyro_tvc.text.metrics import PAPER_METRICS
 from pyro_tvc.text.encoder import SentenceEncoder, load_text_model, resolve_model_folder
 from pyro_tvc.text.prepare import MAX_TEST, MAX_VAL, TextSettings, encode_split, model_sha256, read_encoder_info
+
+
+PREPARE = "pyro-tvc prepare --modality text"
 
 
 class TextWorkspace:
@@ -80,11 +83,7 @@ class TextWorkspace:
             if name not in self.with_heads or self.custom.get(name) != str(Path(spec).expanduser().resolve()):
                 raise ValueError(f"--targets {spec}: text tasks by path need their head: run `pyro-tvc prepare "
                                  f"--modality text --tasks {spec} --out {self.paths.root}` first")
-            classes, prepared = text_task_classes(spec), head_classes(self.paths.head(name))
-            if classes != prepared:  # the folder changed since prepare: its labels no longer index the head's rows
-                raise ValueError(f"--targets {spec}: classes.txt lists {len(classes)} classes {classes[:4]}, the head "
-                                 f"prepared for it {len(prepared)} {prepared[:4]}; re-run `pyro-tvc prepare "
-                                 f"--modality text --tasks {spec} --out {self.paths.root}`")
+            check_head_classes(self.paths, name, text_task_classes(spec), spec, PREPARE)  # before anything is written
             return name
         if spec not in TEXT_TASKS:
             raise ValueError(f"--targets {spec}: unknown text task; shipped text tasks: {', '.join(TEXT_TASKS)}")
@@ -125,7 +124,10 @@ class TextWorkspace:
         """``{"train", "val", "test"}`` -> :class:`TaskData` (``images``: prefix states) with ``task_ids = task_id``."""
         key = (task, seed, shots, max_train)
         if key not in self._data:
-            data = load_text_task(self.custom.get(task, task), seed=seed, max_train=max_train, max_val=MAX_VAL, max_test=MAX_TEST)
+            data = load_text_task(self.custom.get(task, task), seed=seed, max_train=max_train, max_val=MAX_VAL,
+                                  max_test=MAX_TEST)
+            if task in self.custom:  # a pool task or control by folder, not only a registered target
+                check_head_classes(self.paths, task, data.classes, self.custom[task], PREPARE)
             train = data.train if shots is None else data.train.subset(_shots(data.train.labels, shots, seed, task))
             encoded = {}
             for name, split in (("train", train), ("val", data.val), ("test", data.test)):
