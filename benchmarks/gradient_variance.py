@@ -81,11 +81,10 @@ def sweep_point(problem, elbo, x, f, y, idx, repeats: int, inclusion_min: float,
         stats = gate_statistics(guide, f)
     finally:
         gate.inclusion_min, gate.cv_max, guide.estimator = trained
-    variance = lambda t: (t - t.mean(0)).pow(2).sum(1).mean().item()  # noqa: E731
+    gated, ungated = summary(g, ungated_g.mean(0)), summary(ungated_g, ungated_g.mean(0))
     return {"inclusion_min": inclusion_min, "cv_max": cv_max,
-            "variance_ratio_gated_to_ungated": variance(g) / variance(ungated_g),
-            "cosine_gated_to_ungated_mean": torch.nn.functional.cosine_similarity(
-                g.mean(0), ungated_g.mean(0), dim=0).item(),
+            "variance_ratio_gated_to_ungated": gated["total_variance"] / ungated["total_variance"],
+            "cosine_gated_to_ungated_mean": gated["cosine_to_reference"],
             "gate_reliable_among_included": stats["gate_reliable_among_included"],
             "gate_fraction_sampled": stats["gate_fraction_sampled"]}
 

@@ -55,14 +55,16 @@ def apply_set(cfg, extra: dict) -> None:
     Raises:
         ValueError: an unknown field.
     """
+    def has_field(obj, part: str) -> bool:
+        return dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}
+
     for name, value in extra.items():
         *outer, last = name.split(".")
         target = cfg
-        for part in [*outer, last]:
-            if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
-                raise ValueError(f"--set {name}: no such training-config field")
-            if part != last:
-                target = getattr(target, part)
+        for part in outer:
+            target = getattr(target, part) if has_field(target, part) else None
+        if not has_field(target, last):
+            raise ValueError(f"--set {name}: no such training-config field")
         if dataclasses.is_dataclass(getattr(target, last)):
             raise ValueError(f"--set {name}: a group of options; set its fields ({name}.FIELD=VALUE)")
         setattr(target, last, value)
